@@ -1,0 +1,189 @@
+"""The HTTP API (DESIGN §4): request parsing, routes, and the one place errors become HTTP."""
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from usage_meter.errors import (
+    IdempotencyConflict,
+    InvalidJson,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    UsageMeterError,
+    ValidationFailed,
+)
+from usage_meter.logic.record import record_events
+from usage_meter.logic.usage import current_usage
+from usage_meter.models.input import BatchIn, CustomerId, EventIn
+from usage_meter.models.output import BatchOut, ErrorBody, ErrorOut, RecordOut
+from usage_meter.observability import logger
+from usage_meter.store import EventStore, UsageReader
+
+MAX_BODY_BYTES = 64 * 1024
+Clock = Callable[[], datetime]
+
+_STATUS: dict[type[UsageMeterError], HTTPStatus] = {
+    InvalidJson: HTTPStatus.BAD_REQUEST,
+    NotFound: HTTPStatus.NOT_FOUND,
+    IdempotencyConflict: HTTPStatus.CONFLICT,
+    PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    ValidationFailed: HTTPStatus.UNPROCESSABLE_ENTITY,
+    StoreUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+_customer_id = TypeAdapter(CustomerId)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _json(status: int, body: BaseModel) -> Response[str]:
+    return Response(
+        status_code=status,
+        content_type=content_types.APPLICATION_JSON,
+        body=body.model_dump_json(),
+    )
+
+
+def _error(status: HTTPStatus, error: UsageMeterError) -> Response[str]:
+    body = ErrorOut(error=ErrorBody(code=error.code, message=error.message, details=error.details))
+    return _json(status, body)
+
+
+def _resolver() -> APIGatewayHttpResolver:
+    app = APIGatewayHttpResolver()
+
+    @app.exception_handler(UsageMeterError)
+    def _domain_error(error: UsageMeterError) -> Response[str]:
+        return _error(_STATUS.get(type(error), HTTPStatus.BAD_REQUEST), error)
+
+    @app.not_found
+    def _not_found(_: NotFoundError) -> Response[str]:
+        return _error(HTTPStatus.NOT_FOUND, NotFound("no such route"))
+
+    @app.exception_handler(Exception)
+    def _internal(error: Exception) -> Response[str]:
+        logger.exception("request failed")
+        problem = UsageMeterError("internal error; the request may be retried")
+        problem.code = "internal_error"
+        return _error(HTTPStatus.INTERNAL_SERVER_ERROR, problem)
+
+    return app
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"duplicate keys: {', '.join(repeated)}")
+    return dict(pairs)
+
+
+def parse_json_body(body: str | None) -> Any:
+    """The body as JSON: at most 64 KiB, no NaN or Infinity, no repeated keys."""
+    raw = body or ""
+    if len(raw.encode()) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except ValueError as error:
+        raise InvalidJson(f"the body is not valid JSON: {error}") from None
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+def validate[M: BaseModel](model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        details = [
+            {"field": _location(e["loc"]), "message": e["msg"], "type": e["type"]}
+            for e in error.errors(include_url=False, include_input=False)
+        ]
+        raise ValidationFailed("the request is not valid", details) from None
+
+
+def record_api(
+    *, meters: Mapping[str, object], store: EventStore, now: Clock = utc_now
+) -> APIGatewayHttpResolver:
+    app = _resolver()
+
+    @app.post("/v1/events")
+    def record_one() -> Response[str]:
+        data = parse_json_body(app.current_event.decoded_body)
+        header_key = app.current_event.headers.get("idempotency-key")
+        if (
+            header_key is not None
+            and isinstance(data, dict)
+            and data.setdefault("idempotency_key", header_key) != header_key
+        ):
+            raise ValidationFailed(
+                "the Idempotency-Key header and the body's idempotency_key differ",
+                [
+                    {
+                        "field": "idempotency_key",
+                        "message": "differs from the Idempotency-Key header",
+                    }
+                ],
+            )
+        event = validate(EventIn, data)
+        [result] = record_events([event], meters=meters, store=store, now=now())
+        status = HTTPStatus.OK if result.duplicate else HTTPStatus.ACCEPTED
+        return _json(status, RecordOut(id=result.id, duplicate=result.duplicate))
+
+    @app.post("/v1/events/batch")
+    def record_batch() -> Response[str]:
+        data = parse_json_body(app.current_event.decoded_body)
+        if app.current_event.headers.get("idempotency-key") is not None:
+            raise ValidationFailed(
+                "a batch takes an idempotency_key per event, not an Idempotency-Key header",
+                [{"field": "Idempotency-Key", "message": "not accepted on the batch route"}],
+            )
+        batch = validate(BatchIn, data)
+        results = record_events(batch.events, meters=meters, store=store, now=now(), batch=True)
+        out = BatchOut(results=[RecordOut(id=r.id, duplicate=r.duplicate) for r in results])
+        return _json(HTTPStatus.ACCEPTED, out)
+
+    return app
+
+
+def read_api(
+    *, included: Mapping[str, int], store: UsageReader, now: Clock = utc_now
+) -> APIGatewayHttpResolver:
+    app = _resolver()
+
+    @app.get("/v1/customers/<stripe_customer_id>/usage")
+    def usage(stripe_customer_id: str) -> Response[str]:
+        try:
+            customer = _customer_id.validate_python(stripe_customer_id)
+        except ValidationError:
+            raise ValidationFailed(
+                "not a Stripe customer id",
+                [
+                    {
+                        "field": "stripe_customer_id",
+                        "message": "must be cus_ followed by letters and digits",
+                    }
+                ],
+            ) from None
+        return _json(
+            HTTPStatus.OK, current_usage(customer, included=included, store=store, now=now())
+        )
+
+    return app

@@ -1,0 +1,65 @@
+"""Environment settings, read and validated once per container (DESIGN §3)."""
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
+
+MeterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+
+
+class MeterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    included: Annotated[int, Field(ge=0, strict=True)] = 0
+
+
+class ConfigError(RuntimeError):
+    """The environment does not describe a working deployment."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    table_name: Annotated[str, Field(min_length=3)]
+    meters: Annotated[dict[MeterName, MeterSettings], Field(min_length=1)]
+    retention_days: Annotated[int, Field(ge=40)] = 400
+    stripe_api_key: SecretStr | None = None
+    stripe_api_key_secret: str | None = None
+    stripe_api_base: str | None = None
+    stripe_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 20.0
+    # Stripe allows 25 meter-event calls/s in test mode and 1,000/s live; stay under both.
+    stripe_max_requests_per_second: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("meters", mode="before")
+    @classmethod
+    def _parse_meters(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"METERS is not valid JSON: {error.msg}") from error
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        raw = {
+            "table_name": env.get("TABLE_NAME"),
+            "meters": env.get("METERS"),
+            "retention_days": env.get("RETENTION_DAYS") or 400,
+            "stripe_api_key": env.get("STRIPE_API_KEY") or None,
+            "stripe_api_key_secret": env.get("STRIPE_API_KEY_SECRET") or None,
+            "stripe_api_base": env.get("STRIPE_API_BASE") or None,
+            "stripe_timeout_seconds": env.get("STRIPE_TIMEOUT_SECONDS") or 20.0,
+            "stripe_max_requests_per_second": env.get("STRIPE_MAX_REQUESTS_PER_SECOND") or None,
+        }
+        try:
+            return cls.model_validate({k: v for k, v in raw.items() if v is not None})
+        except ValueError as error:
+            raise ConfigError(f"invalid configuration: {error}") from error
+
+    def included(self, meter: str) -> int:
+        return self.meters[meter].included

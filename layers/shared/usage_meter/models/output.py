@@ -1,0 +1,78 @@
+"""Response bodies of the HTTP API (DESIGN §4)."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_serializer
+
+from usage_meter.models.domain import PeriodSource
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RecordOut(BaseModel):
+    id: str
+    duplicate: bool
+
+
+class BatchOut(BaseModel):
+    results: list[RecordOut]
+
+
+class PeriodOut(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    start: datetime
+    end: datetime
+    source: PeriodSource
+
+    @field_serializer("start", "end")
+    def _times(self, moment: datetime) -> str:
+        return _rfc3339(moment)
+
+
+class MeterUsageOut(BaseModel):
+    meter: str
+    quantity: int
+    reported: int
+    pending: int
+    included: int
+    included_remaining: int
+    billable: int
+
+
+class UsageOut(BaseModel):
+    stripe_customer_id: str
+    period: PeriodOut
+    meters: list[MeterUsageOut]
+    as_of: datetime
+
+    @field_serializer("as_of")
+    def _as_of(self, moment: datetime) -> str:
+        return _rfc3339(moment)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] = []
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class FlushSummary(BaseModel):
+    """What one flush run did; logged, returned and turned into metrics."""
+
+    batches_resumed: int = 0
+    groups_sent: int = 0
+    events_reported: int = 0
+    units_reported: int = 0
+    groups_quarantined: int = 0
+    groups_deferred: int = 0
+    groups_empty: int = 0
+    stopped_early: bool = False
+    errors: list[str] = []

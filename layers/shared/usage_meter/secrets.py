@@ -1,0 +1,21 @@
+"""The Stripe key: from the environment locally, from Secrets Manager deployed."""
+
+from functools import cache
+
+import boto3
+
+from usage_meter.config import ConfigError, Settings
+
+
+def stripe_api_key(settings: Settings) -> str:
+    if settings.stripe_api_key is not None:
+        return settings.stripe_api_key.get_secret_value()
+    if settings.stripe_api_key_secret is None:
+        raise ConfigError("set STRIPE_API_KEY or STRIPE_API_KEY_SECRET")
+    return _secret_string(settings.stripe_api_key_secret)
+
+
+@cache  # once per container: a rotated key is picked up by the next cold start
+def _secret_string(secret_id: str) -> str:
+    response = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)
+    return str(response["SecretString"]).strip()
