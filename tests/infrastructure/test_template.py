@@ -1,0 +1,138 @@
+"""The template: lint-clean, transforms offline, and grants each function only what it needs."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from samtranslator.translator.managed_policy_translator import ManagedPolicyLoader
+from samtranslator.translator.transform import transform
+
+from devtools.template import load_template
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _NoManagedPolicies(ManagedPolicyLoader):
+    """The template names no managed policies by name, so nothing needs IAM to resolve."""
+
+    def __init__(self) -> None:
+        pass
+
+    def load(self) -> dict[str, str]:
+        return {}
+
+
+def packaged() -> dict[str, Any]:
+    """The template as `sam package` hands it to CloudFormation: code already in S3."""
+    template = load_template()
+    for logical_id, resource in template["Resources"].items():
+        props = resource.get("Properties", {})
+        for key in ("CodeUri", "ContentUri"):
+            if key in props:
+                props[key] = f"s3://artifacts/{logical_id}.zip"
+    return template
+
+
+@pytest.fixture(scope="module")
+def transformed() -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the transform builds ARNs for a region
+        return transform(packaged(), {"AWS::Region": "us-east-1"}, _NoManagedPolicies())
+
+
+def statements(transformed: dict[str, Any], function: str) -> list[dict[str, Any]]:
+    role = transformed["Resources"][f"{function}Role"]["Properties"]
+    return [s for p in role.get("Policies", []) for s in p["PolicyDocument"]["Statement"]]
+
+
+def actions(transformed: dict[str, Any], function: str) -> set[str]:
+    out: set[str] = set()
+    for statement in statements(transformed, function):
+        acts = statement["Action"]
+        out.update([acts] if isinstance(acts, str) else acts)
+    return out
+
+
+def test_cfn_lint_reports_nothing():
+    result = subprocess.run(
+        [Path(sys.executable).parent / "cfn-lint", "template.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_sam_transform_yields_the_designed_resources(transformed):
+    resources = transformed["Resources"]
+    for logical_id in ("RecordFunction", "FlushFunction", "ReadFunction", "UsageTable", "UsageApi"):
+        assert logical_id in resources
+    for function in ("RecordFunction", "FlushFunction", "ReadFunction"):
+        props = resources[function]["Properties"]
+        assert props["Runtime"] == "python3.13" and props["Handler"] == "app.lambda_handler"
+        assert props["Architectures"] == [{"Ref": "Architecture"}]
+        assert f"{function}Logs" in resources  # a log group with retention per function
+
+
+def test_routes_are_the_contracts_routes(transformed):
+    paths = transformed["Resources"]["UsageApi"]["Properties"]["Body"]["paths"]
+    routes = {f"{method.upper()} {path}" for path, methods in paths.items() for method in methods}
+    assert routes == {
+        "POST /v1/events",
+        "POST /v1/events/batch",
+        "GET /v1/customers/{stripe_customer_id}/usage",
+    }
+
+
+def test_the_table_is_on_demand_recoverable_expiring_with_a_sparse_index():
+    table = load_template()["Resources"]["UsageTable"]["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    [index] = table["GlobalSecondaryIndexes"]
+    assert index["IndexName"] == "unreported" and index["Projection"]["ProjectionType"] == "INCLUDE"
+
+
+def test_the_flush_runs_on_a_schedule_parameter(transformed):
+    schedules = [
+        r for r in transformed["Resources"].values() if r["Type"] == "AWS::Scheduler::Schedule"
+    ]
+    assert [s["Properties"]["ScheduleExpression"] for s in schedules] == [{"Ref": "FlushSchedule"}]
+
+
+def test_no_statement_grants_a_wildcard_resource(transformed):
+    for function in ("RecordFunction", "FlushFunction", "ReadFunction"):
+        for statement in statements(transformed, function):
+            resources = statement["Resource"]
+            for resource in resources if isinstance(resources, list) else [resources]:
+                assert resource != "*", (function, statement)
+            assert not any(
+                "*" in a
+                for a in (
+                    [statement["Action"]]
+                    if isinstance(statement["Action"], str)
+                    else statement["Action"]
+                )
+            )
+
+
+def test_the_read_function_cannot_write(transformed):
+    assert actions(transformed, "ReadFunction") == {"dynamodb:Query", "dynamodb:GetItem"}
+
+
+def test_the_record_function_writes_but_cannot_read_the_backlog_or_secrets(transformed):
+    granted = actions(transformed, "RecordFunction")
+    assert "dynamodb:PutItem" in granted and "dynamodb:Query" not in granted
+    assert not any(a.startswith("secretsmanager:") for a in granted)
+
+
+def test_only_the_flush_can_read_the_stripe_secret(transformed):
+    readers = {
+        f
+        for f in ("RecordFunction", "FlushFunction", "ReadFunction")
+        if "secretsmanager:GetSecretValue" in actions(transformed, f)
+    }
+    assert readers == {"FlushFunction"}
+
+
+def test_outputs_name_the_api_url_and_the_table():
+    assert {"ApiUrl", "UsageTableName"} <= set(load_template()["Outputs"])
