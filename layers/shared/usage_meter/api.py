@@ -8,6 +8,7 @@ from typing import Any
 
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from usage_meter.errors import (
@@ -21,9 +22,10 @@ from usage_meter.errors import (
 )
 from usage_meter.logic.record import record_events
 from usage_meter.logic.usage import current_usage
+from usage_meter.models.domain import RecordResult
 from usage_meter.models.input import BatchIn, CustomerId, EventIn
 from usage_meter.models.output import BatchOut, ErrorBody, ErrorOut, RecordOut
-from usage_meter.observability import logger
+from usage_meter.observability import logger, metrics
 from usage_meter.store import EventStore, UsageReader
 
 MAX_BODY_BYTES = 64 * 1024
@@ -42,6 +44,14 @@ _customer_id = TypeAdapter(CustomerId)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _count(results: list[RecordResult]) -> None:
+    duplicates = sum(r.duplicate for r in results)
+    metrics.add_metric(
+        name="EventsAccepted", unit=MetricUnit.Count, value=len(results) - duplicates
+    )
+    metrics.add_metric(name="EventsDuplicate", unit=MetricUnit.Count, value=duplicates)
 
 
 def _json(status: int, body: BaseModel) -> Response[str]:
@@ -144,6 +154,7 @@ def record_api(
             )
         event = validate(EventIn, data)
         [result] = record_events([event], meters=meters, store=store, now=now())
+        _count([result])
         status = HTTPStatus.OK if result.duplicate else HTTPStatus.ACCEPTED
         return _json(status, RecordOut(id=result.id, duplicate=result.duplicate))
 
@@ -157,6 +168,7 @@ def record_api(
             )
         batch = validate(BatchIn, data)
         results = record_events(batch.events, meters=meters, store=store, now=now(), batch=True)
+        _count(results)
         out = BatchOut(results=[RecordOut(id=r.id, duplicate=r.duplicate) for r in results])
         return _json(HTTPStatus.ACCEPTED, out)
 

@@ -427,7 +427,7 @@ def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEven
     counters: set[tuple[str, str, str]] = set()
     for event in events:
         counter = (event.customer, period_key(event.period), event.meter)
-        if len(chunk) + len(counters | {counter}) > _TRANSACT_LIMIT:
+        if len(chunk) + 1 + len(counters | {counter}) > _TRANSACT_LIMIT:
             yield chunk
             chunk, counters = [], set()
         chunk.append(event)

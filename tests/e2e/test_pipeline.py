@@ -1,0 +1,120 @@
+"""Record → flush → read through the three real handlers, DynamoDB Local and the real stripe SDK
+talking to a loopback fake Stripe that dedupes identifiers like Stripe does."""
+
+import random
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from devtools.fake_stripe import FakeStripe
+from tests.http import http_event, response_json
+from tests.lambdas import LambdaContext, load_handler
+
+METERS = '{"ai_messages": {"included": 100}, "api_calls": {"included": 0}}'
+CUSTOMERS = [f"cus_E2e{i}" for i in range(5)]
+
+
+@pytest.fixture
+def stripe():
+    with FakeStripe() as fake:
+        yield fake
+
+
+@pytest.fixture
+def handlers(local_table, stripe, monkeypatch):
+    monkeypatch.setenv("METERS", METERS)
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_e2e")
+    monkeypatch.setenv("STRIPE_API_BASE", stripe.url)
+    monkeypatch.setenv("STRIPE_MAX_REQUESTS_PER_SECOND", "1000")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "UsageMeterTest")
+    return {name: load_handler(name) for name in ("record", "flush", "read")}
+
+
+def call(handler, event):
+    return handler.lambda_handler(event, LambdaContext())
+
+
+def recent_times(count: int, rng: random.Random) -> list[int]:
+    """Times in the current period, spread over the last few hours."""
+    now = datetime.now(UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    span = int(min(timedelta(hours=5), now - month_start).total_seconds())
+    return [int(now.timestamp()) - rng.randint(0, span) for _ in range(count)]
+
+
+def test_a_thousand_events_are_billed_once_per_group_and_read_back(handlers, stripe):
+    rng = random.Random(20261126)
+    accepted: Counter[tuple[str, str]] = Counter()
+    groups: set[tuple[str, str, int]] = set()
+    sent: list[dict] = []
+    # Given 1,000 events over 5 customers and 2 meters, some in batches
+    for i, when in enumerate(recent_times(1000, rng)):
+        body = {
+            "stripe_customer_id": rng.choice(CUSTOMERS),
+            "meter": rng.choice(["ai_messages", "api_calls"]),
+            "quantity": rng.randint(1, 50),
+            "timestamp": when,
+            "idempotency_key": f"k{i}",
+        }
+        sent.append(body)
+    for start in range(0, 400, 100):
+        response = call(
+            handlers["record"],
+            http_event("POST", "/v1/events/batch", {"events": sent[start : start + 100]}),
+        )
+        assert response["statusCode"] == 202
+    for body in sent[400:]:
+        assert call(handlers["record"], http_event("POST", "/v1/events", body))["statusCode"] == 202
+    for body in sent:
+        accepted[(body["stripe_customer_id"], body["meter"])] += body["quantity"]
+        groups.add((body["stripe_customer_id"], body["meter"], body["timestamp"] // 3600))
+    # and replays, conflicting replays and bad requests that must change nothing
+    for body in rng.sample(sent, 50):
+        response = call(handlers["record"], http_event("POST", "/v1/events", body))
+        assert response["statusCode"] == 200 and response_json(response)["duplicate"] is True
+    for body in rng.sample(sent, 5):
+        conflict = {**body, "quantity": body["quantity"] + 1}
+        assert (
+            call(handlers["record"], http_event("POST", "/v1/events", conflict))["statusCode"]
+            == 409
+        )
+    for bad in (
+        {**sent[0], "quantity": 1.5, "idempotency_key": "x1"},
+        {**sent[0], "meter": "gpu", "idempotency_key": "x2"},
+    ):
+        assert call(handlers["record"], http_event("POST", "/v1/events", bad))["statusCode"] == 422
+    assert (
+        call(handlers["record"], http_event("POST", "/v1/events", raw_body="{oops"))["statusCode"]
+        == 400
+    )
+
+    # When the flush runs
+    summary = call(handlers["flush"], {})
+
+    # Then Stripe holds exactly the accepted quantities, one call per (customer, meter, hour)
+    assert stripe.totals() == dict(accepted)
+    assert stripe.calls == len(groups) == summary["groups_sent"]
+    assert summary["events_reported"] == 1000 and summary["groups_quarantined"] == 0
+    # and each Stripe event carries a time inside its own hour
+    for event in stripe.accepted():
+        assert (event.customer, event.event_name, event.timestamp // 3600) in groups
+
+    # When it runs again, nothing is sent
+    assert call(handlers["flush"], {})["groups_sent"] == 0
+    assert stripe.calls == len(groups)
+
+    # And the portal reads the same totals, all reported
+    by_customer: dict[str, dict[str, int]] = defaultdict(dict)
+    for (customer, meter), quantity in accepted.items():
+        by_customer[customer][meter] = quantity
+    for customer in CUSTOMERS:
+        response = call(handlers["read"], http_event("GET", f"/v1/customers/{customer}/usage"))
+        meters = {m["meter"]: m for m in response_json(response)["meters"]}
+        for meter in ("ai_messages", "api_calls"):
+            expected = by_customer[customer].get(meter, 0)
+            assert (
+                meters[meter]["quantity"],
+                meters[meter]["reported"],
+                meters[meter]["pending"],
+            ) == (expected, expected, 0)
