@@ -1,6 +1,13 @@
-"""Logger and metrics, created once per container."""
+"""Logger and metrics, created once per container. The template sets the names; local runs and
+tests get the same defaults so metrics never fail for want of a namespace."""
+
+import os
 
 from aws_lambda_powertools import Logger, Metrics
 
-logger = Logger()
-metrics = Metrics()
+SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME", "usage-meter")
+
+logger = Logger(service=SERVICE)
+metrics = Metrics(
+    service=SERVICE, namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "UsageMeter")
+)

@@ -1,0 +1,79 @@
+"""Shared fixtures: one DynamoDB Local per session, fresh tables from template.yaml per test.
+
+- dynamodb_local (session): a running in-memory DynamoDBLocal; sets no environment variables.
+- local_table: a new table on that engine, AWS_* and TABLE_NAME env pointing at it.
+- moto_table: the same table under moto's mock_aws(), for fast unit tests.
+Both table fixtures yield a devtools.template.TableHandle(name, endpoint_url, client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from devtools.dynamodb_local import DynamoDBLocal
+from devtools.template import TableHandle, create_usage_table, load_template
+
+REGION = "us-east-1"
+
+
+@functools.cache
+def _template() -> dict[str, Any]:
+    # Parsed once per session; create_usage_table only reads it.
+    return load_template()
+
+
+def _table_name() -> str:
+    return f"usage-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def dynamodb_local() -> Iterator[DynamoDBLocal]:
+    with DynamoDBLocal() as engine:
+        yield engine
+
+
+@pytest.fixture
+def local_table(
+    dynamodb_local: DynamoDBLocal, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TableHandle]:
+    name = _table_name()
+    client = dynamodb_local.client()
+    create_usage_table(client, name, _template())
+    # Code under test builds its own clients from the environment, as it does in Lambda.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", dynamodb_local.endpoint_url)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("TABLE_NAME", name)
+    yield TableHandle(name=name, endpoint_url=dynamodb_local.endpoint_url, client=client)
+    with contextlib.suppress(client.exceptions.ResourceNotFoundException):
+        client.delete_table(TableName=name)
+
+
+@pytest.fixture
+def moto_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[TableHandle]:
+    # An endpoint override would send requests past moto to a real server.
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    name = _table_name()
+    monkeypatch.setenv("TABLE_NAME", name)
+    with mock_aws():
+        # moto only intercepts clients created after mock_aws() started.
+        client = boto3.client("dynamodb", region_name=REGION)
+        create_usage_table(client, name, _template())
+        yield TableHandle(name=name, endpoint_url=None, client=client)
