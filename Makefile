@@ -8,6 +8,7 @@ PY313 ?= $(shell p=$$(pyenv prefix 3.13 2>/dev/null || pyenv prefix 3.13.0 2>/de
                  if [ -n "$$p" ]; then echo $$p/bin/python3.13; else command -v python3.13; fi)
 VENV := .venv
 PY := $(VENV)/bin/python
+export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
 
@@ -34,7 +35,7 @@ node_modules/.installed: package.json package-lock.json
 	@java -version 2>&1 | head -1
 
 demo: setup ## record sample usage, flush it to Stripe (or a loopback stand-in), print the usage JSON
-	$(PY) -m devtools.demo
+	PYTHONPATH=layers/shared:. $(PY) -m devtools.demo
 
 test: setup ## the whole suite: unit, integration (DynamoDB Local), infrastructure, end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from devtools.fake_stripe import FakeStripe
-from tests.http import http_event, response_json
-from tests.lambdas import LambdaContext, load_handler
+from devtools.invoke import LambdaContext, http_event, load_handler, response_json
 
 METERS = '{"ai_messages": {"included": 100}, "api_calls": {"included": 0}}'
 CUSTOMERS = [f"cus_E2e{i}" for i in range(5)]

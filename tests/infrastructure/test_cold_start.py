@@ -1,4 +1,4 @@
-"""The record and read functions must not import `stripe`: it costs cold-start time they don't need."""
+"""The record and read functions never import `stripe`: cold-start time they don't need."""
 
 import json
 import os

@@ -57,7 +57,10 @@ def actions(transformed: dict[str, Any], function: str) -> set[str]:
 
 def test_cfn_lint_reports_nothing():
     result = subprocess.run(
-        [Path(sys.executable).parent / "cfn-lint", "template.yaml"], cwd=ROOT, capture_output=True, text=True
+        [Path(sys.executable).parent / "cfn-lint", "template.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

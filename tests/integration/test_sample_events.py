@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from devtools.fake_stripe import FakeStripe
-from tests.lambdas import LambdaContext, load_handler
+from devtools.invoke import LambdaContext, load_handler
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 

@@ -4,10 +4,10 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-
-from tests.fakes import InMemoryStore
-from tests.http import http_event, response_json
 from usage_meter.api import MAX_BODY_BYTES, read_api, record_api
+
+from devtools.invoke import http_event, response_json
+from tests.fakes import InMemoryStore
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 METERS = {"ai_messages": {"included": 1000}}

@@ -1,0 +1,95 @@
+"""`sam build` without Docker produces every function and the layer, for either architecture."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.infrastructure.test_cold_start import PROBE
+
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS = ("RecordFunction", "FlushFunction", "ReadFunction")
+pytestmark = pytest.mark.slow
+
+
+def sam_build(build_dir: Path, architecture: str) -> Path:
+    sam = shutil.which("sam", path=str(Path(sys.executable).parent)) or "sam"
+    # sam build looks for python3.13 on PATH; the project's virtualenv provides it.
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SAM_CLI_TELEMETRY": "0",
+    }
+    subprocess.run(
+        [
+            sam,
+            "build",
+            "--build-dir",
+            str(build_dir),
+            "--cache-dir",
+            str(build_dir / ".cache"),
+            "--parameter-overrides",
+            f"Architecture={architecture}",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return build_dir
+
+
+@pytest.fixture(scope="module")
+def host_build(tmp_path_factory) -> Path:
+    return sam_build(tmp_path_factory.mktemp("sam-x86_64"), "x86_64")
+
+
+def test_every_function_and_the_layer_are_built(host_build):
+    for function in FUNCTIONS:
+        assert (host_build / function / "app.py").is_file()
+    layer = host_build / "SharedLayer" / "python"
+    assert (layer / "usage_meter" / "api.py").is_file()
+    assert (layer / "pydantic").is_dir() and (layer / "stripe").is_dir()
+    assert (host_build / "template.yaml").is_file()
+
+
+@pytest.mark.parametrize("function", ["RecordFunction", "ReadFunction"])
+def test_built_api_functions_do_not_import_stripe(host_build, function):
+    env = {
+        "PYTHONPATH": str(host_build / "SharedLayer" / "python"),
+        "TABLE_NAME": "usage",
+        "METERS": '{"m": {}}',
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PATH": os.environ["PATH"],
+    }
+    # The artifact plus boto3, which Lambda's runtime provides.
+    site = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import boto3, os; print(os.path.dirname(os.path.dirname(boto3.__file__)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env["PYTHONPATH"] += f":{site}"
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(host_build / function / "app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "stripe" not in out and "usage_meter" in out
+
+
+def test_the_default_arm64_build_carries_arm64_binaries(tmp_path):
+    build = sam_build(tmp_path, "arm64")
+    [extension] = (build / "SharedLayer" / "python" / "pydantic_core").glob("_pydantic_core*.so")
+    assert "aarch64" in extension.name
