@@ -266,6 +266,15 @@ class FakeStripe:
         with self._lock:
             self._rejected_customers[customer] = message
 
+    def accept_customer(self, customer: str) -> None:
+        """Undo reject_customer: the customer now exists."""
+        with self._lock:
+            self._rejected_customers.pop(customer, None)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def reset(self) -> None:
         with self._lock:
             self._events.clear()

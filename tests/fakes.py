@@ -124,6 +124,24 @@ class InMemoryStore:
             )
             self.counters[(batch.customer, batch.period_start, batch.meter)][1] += batch.quantity
 
+    def get_batch(self, batch_id: str) -> Batch | None:
+        with self.lock:
+            return self.batches.get(batch_id)
+
+    def replay(self, batch: Batch, identifier: str, timestamp: int) -> Batch:
+        with self.lock:
+            stored = self.batches[batch.id]
+            assert stored.state == BatchState.QUARANTINED and stored.identifier == batch.identifier
+            updated = stored.model_copy(
+                update={
+                    "state": BatchState.CLAIMED,
+                    "identifier": identifier,
+                    "timestamp": timestamp,
+                }
+            )
+            self.batches[batch.id] = updated
+            return updated
+
     def quarantine(self, batch: Batch, reason: str) -> None:
         with self.lock:
             stored = self.batches[batch.id]

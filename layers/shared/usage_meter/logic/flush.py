@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,6 +31,10 @@ STRIPE_MAX_AGE = 35 * 24 * HOUR
 SEND_MARGIN = 10 * 60  # an event this close to Stripe's 35-day limit may arrive too late
 
 
+def too_old_for_stripe(timestamp: int, now: int) -> bool:
+    return timestamp < now - STRIPE_MAX_AGE + SEND_MARGIN
+
+
 @dataclass(frozen=True)
 class FlushPolicy:
     reserve_seconds: float = 45.0  # stop taking new work with this much Lambda time left
@@ -41,13 +45,18 @@ class FlushPolicy:
 
 
 def batch_id(
-    customer: str, meter: str, period_start: str, hour: int, event_ids: Sequence[str]
+    customer: str,
+    meter: str,
+    period_start: str,
+    hour: int,
+    event_ids: Sequence[str],
+    attempt: int = 0,
 ) -> str:
     """Derived from the batch's content, so two runs planning the same events agree on it."""
-    digest = hashlib.sha256(
-        "\x1f".join([customer, meter, period_start, str(hour), *event_ids]).encode()
-    ).hexdigest()
-    return f"umb_{digest[:40]}"
+    parts = [customer, meter, period_start, str(hour), *event_ids]
+    if attempt:
+        parts.append(f"attempt {attempt}")
+    return f"umb_{hashlib.sha256(chr(31).join(parts).encode()).hexdigest()[:40]}"
 
 
 def plan(events: Iterable[BacklogEvent], planned_at: int) -> list[Batch]:
@@ -133,8 +142,11 @@ class Flusher:
         batches = {b.id: b for b in self._store.open_batches()}
         self._tally.add(batches_resumed=len(batches))
         if self._has_time():
-            for batch in self._plan(batches.values()):
-                batches.setdefault(batch.id, batch)
+            try:
+                for batch in self._plan(batches.values()):
+                    batches.setdefault(batch.id, batch)
+            except Exception as error:  # what was planned before the fault is resumed next run
+                self._tally.error(f"planning failed: {type(error).__name__}: {error}")
         ready = [b for b in map(self._claim_if_planned, batches.values()) if b is not None]
         self._send_all(ready)
         return self._tally.summary
@@ -145,33 +157,58 @@ class Flusher:
             return False
         return True
 
-    def _plan(self, open_batches: Iterable[Batch]) -> list[Batch]:
+    def _plan(self, open_batches: Iterable[Batch]) -> Iterator[Batch]:
         # Events already promised to an open batch are left to it, not planned twice.
         promised = {
             eid for b in open_batches if b.state == BatchState.PLANNED for eid in b.event_ids
         }
         backlog = (e for e in self._store.backlog() if e.id not in promised)
-        stored = []
         for batch in plan(backlog, planned_at=int(self._clock())):
             if not self._has_time():
-                break
-            stored.append(self._store.create_batch(batch))
-        return stored
+                return
+            yield self._create(batch)
+
+    def _create(self, batch: Batch) -> Batch:
+        """Store a planned batch. A finished batch under the same id planned these events before
+        (a stale index read, or a claim that missed some): plan them again under the next id, and
+        the claim decides which events are really still unreported."""
+        for attempt in range(1, 100):
+            stored = self._store.create_batch(batch)
+            if stored.state in (BatchState.PLANNED, BatchState.CLAIMED):
+                return stored
+            new_id = batch_id(
+                batch.customer,
+                batch.meter,
+                batch.period_start,
+                batch.hour,
+                batch.event_ids,
+                attempt,
+            )
+            batch = batch.model_copy(update={"id": new_id, "identifier": new_id})
+        raise RuntimeError(f"no free batch id for {batch.id}")
 
     def _claim_if_planned(self, batch: Batch) -> Batch | None:
         if batch.state == BatchState.PLANNED:
             if not self._has_time():
                 return None
-            claimed = self._store.claim(batch)
-            batch = self._store.mark_claimed(
-                batch,
-                quantity=sum(quantity for quantity, _ in claimed.values()),
-                timestamp=max((when for _, when in claimed.values()), default=batch.timestamp),
-                event_ids=sorted(claimed),
-            )
-            if batch.state == BatchState.EMPTY:
-                self._tally.add(groups_empty=1)
+            try:
+                batch = self._claim(batch)
+            except Exception as error:  # a store fault: the batch stays planned for the next run
+                self._tally.error(f"{batch.id}: claim failed: {type(error).__name__}: {error}")
+                return None
         return batch if batch.state == BatchState.CLAIMED else None
+
+    def _claim(self, batch: Batch) -> Batch:
+        claimed = self._store.claim(batch)
+        batch = self._store.mark_claimed(
+            batch,
+            quantity=sum(quantity for quantity, _ in claimed.values()),
+            timestamp=max((when for _, when in claimed.values()), default=batch.timestamp),
+            event_ids=sorted(claimed),
+        )
+        if batch.state == BatchState.EMPTY:
+            self._tally.add(groups_empty=1)
+        return batch
 
     def _send_all(self, batches: Sequence[Batch]) -> None:
         # Stripe allows one concurrent call per (customer, meter): a pair's batches go in order.
@@ -196,7 +233,7 @@ class Flusher:
 
     def _deliver(self, batch: Batch) -> None:
         now = int(self._clock())
-        if batch.timestamp < now - STRIPE_MAX_AGE + SEND_MARGIN:
+        if too_old_for_stripe(batch.timestamp, now):
             self._store.quarantine(batch, "timestamp_out_of_window: older than Stripe's 35 days")
             self._tally.add(groups_quarantined=1)
             return

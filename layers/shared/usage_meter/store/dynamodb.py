@@ -369,6 +369,30 @@ class DynamoStore:
             },
         )
 
+    def replay(self, batch: Batch, identifier: str, timestamp: int) -> Batch:
+        now = int(self._clock())
+        self._db.update_item(
+            TableName=self._table,
+            Key=_batch_key(batch.id),
+            ConditionExpression="#state = :q AND identifier = :old",
+            UpdateExpression="SET #state = :claimed, identifier = :new, #ts = :t,"
+            " replayed_at = :now, backlog_pk = :pk, backlog_sk = :sk",
+            ExpressionAttributeNames={"#state": "state", "#ts": "timestamp"},
+            ExpressionAttributeValues={
+                ":q": _s(BatchState.QUARANTINED),
+                ":claimed": _s(BatchState.CLAIMED),
+                ":old": _s(batch.identifier),
+                ":new": _s(identifier),
+                ":t": _n(timestamp),
+                ":now": _n(now),
+                ":pk": _s(OPEN),
+                ":sk": _s(f"{now:011d}#{batch.id}"),
+            },
+        )
+        return batch.model_copy(
+            update={"state": BatchState.CLAIMED, "identifier": identifier, "timestamp": timestamp}
+        )
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _transact(self, writes: list[Item]) -> list[str] | None:

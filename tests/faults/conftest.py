@@ -1,0 +1,24 @@
+import pytest
+import stripe
+
+from devtools.fake_stripe import FakeStripe
+from tests.faults.world import World
+
+
+@pytest.fixture(autouse=True)
+def fast_sdk_retries(monkeypatch):
+    # The SDK's own backoff (0.5 s doubling) would dominate; the behaviour is the same faster.
+    monkeypatch.setattr(stripe._http_client.HTTPClient, "INITIAL_DELAY", 0.01)
+    monkeypatch.setattr(stripe._http_client.HTTPClient, "MAX_DELAY", 0.02)
+
+
+@pytest.fixture(scope="session")
+def fake_stripe():
+    with FakeStripe() as server:
+        yield server
+
+
+@pytest.fixture
+def world(local_table, fake_stripe) -> World:
+    fake_stripe.reset()
+    return World(local_table.name, local_table.endpoint_url, fake_stripe)

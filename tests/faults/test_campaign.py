@@ -1,0 +1,11 @@
+"""A slice of the randomized campaign runs in every CI build; `make campaign` runs 200 seeds."""
+
+import pytest
+
+from tests.faults.campaign import holds, run_schedule
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_seeded_fault_schedule_loses_and_doubles_nothing(world, seed):
+    result = run_schedule(world, seed)
+    assert holds(result), result
