@@ -12,7 +12,7 @@ export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
 
-.PHONY: help setup demo test test-fast build validate lint bench clean
+.PHONY: help setup dev invoke demo test test-fast build validate lint campaign admin bench clean .java
 
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,8 +34,14 @@ node_modules/.installed: package.json package-lock.json
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 	@java -version 2>&1 | head -1
 
-demo: setup ## record sample usage, flush it to Stripe (or a loopback stand-in), print the usage JSON
-	PYTHONPATH=layers/shared:. $(PY) -m devtools.demo
+dev: setup ## serve the API on :3000 in Lambda runtimes, no Docker; flags: make dev ARGS=--help
+	$(PY) -m devtools.dev $(ARGS)
+
+invoke: setup ## Docker-free `sam local invoke`: make invoke FN=FlushFunction EVENT=events/<file>.json
+	$(PY) -m devtools.local_invoke $(FN) $(if $(EVENT),--event $(EVENT))
+
+demo: setup ## build, start the local stack, record sample usage over HTTP, flush, print usage JSON
+	$(PY) -m devtools.demo
 
 test: setup ## the whole suite: unit, integration (DynamoDB Local), infrastructure, end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -52,8 +58,14 @@ validate: setup ## lint the template offline
 lint: setup ## ruff and mypy
 	ruff check . && ruff format --check . && mypy
 
+campaign: setup ## the randomized fault campaign (SEEDS=200): exits 1 if any unit is lost or doubled
+	PYTHONPATH=layers/shared:. $(PY) -m tests.faults.campaign --seeds $(or $(SEEDS),200)
+
+admin: setup ## operators' command on a deployed table, e.g. make admin ARGS="--table T quarantine list"
+	PYTHONPATH=layers/shared $(PY) -m usage_meter.admin $(ARGS)
+
 bench: setup ## benchmarks (cold-start imports, read cost, flush throughput)
-	$(PY) -m pytest tests/benchmarks --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks --benchmark-only -p no:randomly $(PYTEST_ARGS)
 
 clean: ## remove build output and local data
 	rm -rf .aws-sam .local .pytest_cache

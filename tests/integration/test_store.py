@@ -176,3 +176,23 @@ def test_a_full_flush_on_the_real_engine_reports_everything_once(store):
     }
     assert totals(store, "cus_B") == {"m": (2, 2), "n": (2, 2)}
     assert Flusher(store, billing, time_left=lambda: 300, clock=lambda: T).run().groups_sent == 0
+
+
+def test_a_usage_read_is_one_query_returning_one_item_per_meter_whatever_the_event_count(
+    store, local_table
+):
+    # Given 300 events for one customer over two meters
+    for _ in range(3):
+        record(
+            store, *[{"stripe_customer_id": "cus_A", "meter": m} for m in "mn" for _ in range(50)]
+        )
+    calls = []
+    local_table.client.meta.events.register(
+        "after-call.dynamodb",
+        lambda http_response, parsed, model, **_: calls.append((model.name, parsed)),
+    )
+    # When the portal reads the period's totals
+    result = totals(store)
+    # Then one Query returned two items: the cost follows meters, not events
+    assert result == {"m": (150, 0), "n": (150, 0)}
+    assert [(name, parsed["Count"]) for name, parsed in calls] == [("Query", 2)]

@@ -1,8 +1,9 @@
 """The Stripe key: from the environment locally, from Secrets Manager deployed."""
 
 from functools import cache
+from typing import Any
 
-import boto3
+import botocore.session
 
 from usage_meter.config import ConfigError, Settings
 
@@ -17,5 +18,5 @@ def stripe_api_key(settings: Settings) -> str:
 
 @cache  # once per container: a rotated key is picked up by the next cold start
 def _secret_string(secret_id: str) -> str:
-    response = boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)
-    return str(response["SecretString"]).strip()
+    client: Any = botocore.session.get_session().create_client("secretsmanager")
+    return str(client.get_secret_value(SecretId=secret_id)["SecretString"]).strip()

@@ -1,0 +1,81 @@
+"""Speed, measured: `make bench`. Not part of `make test` (timings are not assertions)."""
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from usage_meter.logic.flush import Flusher
+from usage_meter.logic.record import record_events
+from usage_meter.logic.usage import current_usage
+from usage_meter.models.input import BatchIn
+
+from tests.fakes import FakeBilling, InMemoryStore
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
+BATCH = {
+    "events": [
+        {
+            "stripe_customer_id": f"cus_B{i % 10}",
+            "meter": "m",
+            "quantity": i + 1,
+            "idempotency_key": f"k{i}",
+        }
+        for i in range(100)
+    ]
+}
+
+
+@pytest.mark.parametrize("function", ["record", "read", "flush"])
+def test_cold_import(benchmark, function):
+    """Module import of a handler in a fresh interpreter, as at a Lambda cold start."""
+    code = "import runpy, sys; runpy.run_path(sys.argv[1])"
+    app = str(ROOT / "functions" / function / "app.py")
+    env = {
+        "PYTHONPATH": str(ROOT / "layers" / "shared"),
+        "TABLE_NAME": "usage",
+        "METERS": '{"m": {}}',
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "STRIPE_API_KEY": "sk_test_x",
+    }
+    benchmark.pedantic(
+        subprocess.run,
+        args=([sys.executable, "-c", code, app],),
+        kwargs={"env": env, "check": True},
+        rounds=5,
+        iterations=1,
+    )
+
+
+def test_validate_and_record_a_batch_of_100(benchmark):
+    def run():
+        batch = BatchIn.model_validate(BATCH)
+        record_events(batch.events, meters={"m"}, store=InMemoryStore(), now=NOW, batch=True)
+
+    benchmark(run)
+
+
+def test_read_usage_of_20_meters(benchmark):
+    store = InMemoryStore()
+    included = {f"meter_{i}": 100 for i in range(20)}
+    benchmark(current_usage, "cus_B1", included=included, store=store, now=NOW)
+
+
+def test_flush_logic_10k_events(benchmark):
+    batch = BatchIn.model_validate(BATCH)
+
+    def setup():
+        store = InMemoryStore()
+        for round_ in range(100):
+            events = [
+                e.model_copy(update={"idempotency_key": f"{round_}-{e.idempotency_key}"})
+                for e in batch.events
+            ]
+            record_events(events, meters={"m"}, store=store, now=NOW, batch=True)
+        return (
+            Flusher(store, FakeBilling(), time_left=lambda: 300, clock=lambda: NOW.timestamp()),
+        ), {}
+
+    benchmark.pedantic(lambda flusher: flusher.run(), setup=setup, rounds=3)
