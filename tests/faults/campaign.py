@@ -24,7 +24,13 @@ from devtools.template import create_usage_table
 from tests.faults.harness import Fault
 from tests.faults.world import World
 
-_DB_OPERATIONS = ["put_item", "update_item", "transact_write_items", "batch_get_item", "query"]
+_ALL = ["put_item", "update_item", "transact_write_items", "batch_get_item", "query"]
+_OPERATIONS_FOR = {
+    "crash": _ALL,
+    "throttle": _ALL,
+    "conflict": ["transact_write_items"],
+    "condition": ["put_item", "update_item", "transact_write_items"],  # conditional writes only
+}
 
 
 def _stripe_faults(world: World, rng: random.Random) -> list[str]:
@@ -49,7 +55,7 @@ def _db_faults(rng: random.Random) -> list[Fault]:
     faults = []
     for _ in range(rng.randint(0, 3)):
         kind = rng.choice(["crash", "throttle", "throttle", "conflict", "condition"])
-        operation = rng.choice(_DB_OPERATIONS if kind != "conflict" else ["transact_write_items"])
+        operation = rng.choice(_OPERATIONS_FOR[kind])
         faults.append(Fault(operation, rng.randint(1, 12), kind))
     return faults
 

@@ -52,16 +52,50 @@ class FaultyDynamoDB:
             return target
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._before(name, kwargs)
-            return target(*args, **kwargs)
+            fault = self._before(name)
+            if fault is None:
+                return target(*args, **kwargs)
+            if fault.kind == "throttle":
+                raise _client_error("ProvisionedThroughputExceededException", name)
+            if fault.kind == "conflict":  # a concurrent transaction touched the same items
+                writes = len(kwargs.get("TransactItems", [])) or 1
+                raise _client_error(
+                    "TransactionCanceledException",
+                    name,
+                    ["TransactionConflict"] + ["None"] * (writes - 1),
+                )
+            if fault.kind == "condition":
+                return self._applied_then_condition_failed(name, target, kwargs)
+            raise ValueError(f"unknown fault {fault.kind}")
 
         return call
 
+    def _applied_then_condition_failed(self, name: str, target: Any, kwargs: dict[str, Any]) -> Any:
+        """The write is applied, its answer is lost, and the SDK's retry fails its own
+        condition: what DynamoDB really does to a conditional write retried after a timeout."""
+        target(**kwargs)
+        if name == "transact_write_items":
+            writes = len(kwargs["TransactItems"])
+            raise _client_error(
+                "TransactionCanceledException",
+                name,
+                ["ConditionalCheckFailed"] + ["None"] * (writes - 1),
+            )
+        error = _client_error("ConditionalCheckFailedException", name)
+        if kwargs.get("ReturnValuesOnConditionCheckFailure") == "ALL_OLD":
+            current = self._client.get_item(
+                TableName=kwargs["TableName"], Key=kwargs["Key"], ConsistentRead=True
+            )
+            error.response["Item"] = current.get("Item", {})
+        raise error
+
     def get_paginator(self, name: str) -> Any:
-        self._before(name, {})
+        if self._before(name) is not None:
+            raise _client_error("ProvisionedThroughputExceededException", name)
         return self._client.get_paginator(name)
 
-    def _before(self, operation: str, kwargs: dict[str, Any]) -> None:
+    def _before(self, operation: str) -> Fault | None:
+        """Count the call; die if the process is dead or this is its kill point; else the fault."""
         with self._lock:
             if self.dead:
                 raise Crash(f"dead before {operation}")
@@ -70,23 +104,10 @@ class FaultyDynamoDB:
             fault = next(
                 (f for f in self._faults if f.operation == operation and f.at_call == count), None
             )
-            if fault is None:
-                return
-            if fault.kind == "crash":
+            if fault is not None and fault.kind == "crash":
                 self.dead = True
                 raise Crash(f"killed at {operation} #{count}")
-        if fault.kind == "throttle":
-            raise _client_error("ProvisionedThroughputExceededException", operation)
-        if fault.kind == "conflict":
-            items = len(kwargs.get("TransactItems", [])) or 1
-            raise _client_error(
-                "TransactionCanceledException",
-                operation,
-                ["TransactionConflict"] + ["None"] * (items - 1),
-            )
-        if fault.kind == "condition":
-            raise _client_error("ConditionalCheckFailedException", operation)
-        raise ValueError(f"unknown fault {fault.kind}")
+            return fault
 
 
 @dataclass

@@ -200,10 +200,43 @@ def test_a_cancelled_confirm_transaction_is_retried_in_the_same_run(world):
     assert summary.groups_sent == 1 and not summary.errors and world.invariant() == CLEAN
 
 
-def test_a_failed_conditional_write_while_fixing_a_batch_loses_nothing(world):
+@pytest.mark.parametrize(
+    ("step", "fault"),
+    [
+        ("planning", Fault("put_item", 1, "condition")),
+        ("claiming", Fault("update_item", 3, "condition")),
+        ("fixing the batch", Fault("update_item", 11, "condition")),
+        ("confirming", Fault("transact_write_items", 1, "condition")),
+    ],
+)
+def test_a_conditional_write_retried_after_a_lost_answer_loses_and_doubles_nothing(
+    world, step, fault
+):
+    # Given a write that DynamoDB applied, whose answer was lost, so the retry fails its condition
     world.record(ten_events())
-    world.flush([Fault("update_item", 11, "condition")])
+    world.flush([fault])
     world.settle()
+    # Then the flush recognises its own write: every unit billed once, nothing stranded
+    assert world.invariant() == CLEAN and len(world.stripe.accepted()) == 1
+
+
+def test_a_claim_that_loses_to_a_concurrent_batch_leaves_the_event_to_it(world):
+    from usage_meter.logic.flush import plan
+
+    # Given this run planned all ten events, and a concurrent run's batch took four of them
+    world.record(ten_events())
+    events = list(world.store.backlog())
+    [ours] = plan(events, NOW)
+    [theirs] = plan(events[:4], NOW)
+    world.store.create_batch(ours)
+    world.store.create_batch(theirs)
+    taken = world.store.claim(theirs)
+    world.store.mark_claimed(theirs, sum(q for q, _ in taken.values()), NOW, sorted(taken))
+    # When this run claims, four conditional writes fail
+    summary = world.flush()
+    # Then each batch is billed for its own events, each event once
+    assert summary.groups_sent == 2
+    assert world.store.get_batch(ours.id).quantity == 6 * 3
     assert world.invariant() == CLEAN
 
 

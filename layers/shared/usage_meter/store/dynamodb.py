@@ -272,11 +272,15 @@ class DynamoStore:
                     " SET batch_id = :b, expires_at = :x",
                     ExpressionAttributeValues={":b": _s(batch.id), ":x": _n(expires)},
                     ReturnValues="ALL_NEW",
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )["Attributes"]
             except ClientError as error:
-                if _is_condition_failure(error):
+                if not _is_condition_failure(error):
+                    raise
+                # A retry whose first attempt was applied sees its own claim: still ours.
+                item = error.response.get("Item") or {}
+                if item.get("batch_id") != _s(batch.id):
                     return None  # a concurrent run's batch has it
-                raise
             return event_id, (int(item["quantity"]["N"]), int(item["event_time"]["N"]))
 
         with ThreadPoolExecutor(max_workers=self._claim_workers) as pool:
