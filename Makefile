@@ -32,7 +32,7 @@ node_modules/.installed: package.json package-lock.json
 
 .java:
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
-	@java -version 2>&1 | head -1
+	@java -version 2>&1 | head -1 >&2
 
 dev: setup ## serve the API on :3000 in Lambda runtimes, no Docker; flags: make dev ARGS=--help
 	$(PY) -m devtools.dev $(ARGS)

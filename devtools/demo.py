@@ -1,23 +1,25 @@
-"""Run usage-meter end to end on this machine: record sample usage, flush it, print the usage.
+"""Run usage-meter end to end on this machine: record sample usage over HTTP, flush it, print
+the usage JSON each customer's portal would show.
 
-Embedded defaults: DynamoDB Local in memory (table built from template.yaml) and a loopback
-Stripe stand-in. With STRIPE_API_KEY set (a test-mode key), the flush reports to real Stripe:
-the customers and meters named by DEMO_CUSTOMERS / METERS must exist in that account.
+It builds with `sam build` and starts the same local stack as `make dev` (devtools.local_stack):
+every function in AWS's Lambda Runtime Interface Emulator behind the local HTTP API, DynamoDB
+Local in memory and a loopback Stripe stand-in, all on free ports, so it runs beside a
+`make dev` on :3000. With STRIPE_API_KEY set (a test-mode key), the flush reports to real
+Stripe: the customers named by DEMO_CUSTOMERS and the meters in METERS must exist there.
 """
 
 import json
 import os
 import random
 import sys
-from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from devtools.dynamodb_local import DynamoDBLocal
-from devtools.fake_stripe import FakeStripe
-from devtools.invoke import LambdaContext, http_event, load_handler
-from devtools.template import create_usage_table
+import requests
 
-DEFAULT_METERS = '{"ai_messages": {"included": 1000}, "api_calls": {"included": 0}}'
+from devtools.local_stack import LocalStack, StackError, StackOptions, sam_build
+
+BATCH_SIZE = 40
 
 
 def _say(line: str) -> None:
@@ -40,54 +42,74 @@ def _sample_events(customers: list[str], meters: list[str], now: datetime) -> li
     ]
 
 
-def main() -> int:
-    customers = os.environ.get("DEMO_CUSTOMERS", "cus_Demo1,cus_Demo2").split(",")
-    with ExitStack() as stack:
-        engine = stack.enter_context(DynamoDBLocal())
-        create_usage_table(engine.client(), "usage-meter-demo")
-        os.environ.update(
-            TABLE_NAME="usage-meter-demo",
-            AWS_ENDPOINT_URL_DYNAMODB=engine.endpoint_url,
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ACCESS_KEY_ID="local",
-            AWS_SECRET_ACCESS_KEY="local",
-            POWERTOOLS_LOG_LEVEL=os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
-        )
-        os.environ.setdefault("METERS", DEFAULT_METERS)
-        stand_in = None
-        if not os.environ.get("STRIPE_API_KEY"):
-            stand_in = stack.enter_context(FakeStripe())
-            os.environ.update(STRIPE_API_KEY="sk_test_local_stand_in", STRIPE_API_BASE=stand_in.url)
-        _say(f"DynamoDB Local  {engine.endpoint_url}")
-        stripe_where = f"{stand_in.url} (loopback stand-in)" if stand_in else "real API (test key)"
-        _say(f"Stripe          {stripe_where}")
+def _options() -> StackOptions:
+    meters = os.environ.get("METERS")
+    return StackOptions(
+        api_port=0,  # a free port: never the :3000 of a running `make dev`
+        table_name="usage-meter-demo",
+        stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
+        parameter_overrides={"Meters": meters} if meters else {},
+        run_schedules=False,  # the demo flushes once, when it has recorded everything
+        environment={
+            "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        },
+    )
 
-        record, flush, read = (load_handler(name) for name in ("record", "flush", "read"))
-        meters = sorted(json.loads(os.environ["METERS"]))
-        events = _sample_events(customers, meters, datetime.now(UTC))
-        for start in range(0, len(events), 40):
-            batch = {"events": events[start : start + 40]}
-            response = record.lambda_handler(
-                http_event("POST", "/v1/events/batch", batch), LambdaContext()
-            )
-            if response["statusCode"] != 202:
-                _say(f"record failed: {response['body']}")
-                return 1
-        _say(f"recorded        {len(events)} events, {sum(e['quantity'] for e in events)} units")
 
-        summary = flush.lambda_handler({}, LambdaContext())
+def _record(api_url: str, events: list[dict[str, Any]]) -> bool:
+    for start in range(0, len(events), BATCH_SIZE):
+        batch = {"events": events[start : start + BATCH_SIZE]}
+        response = requests.post(f"{api_url}/v1/events/batch", json=batch, timeout=30)
+        if response.status_code != 202:
+            _say(f"record failed: {response.status_code} {response.text}")
+            return False
+    return True
+
+
+def run(stack: LocalStack, customers: list[str]) -> int:
+    assert stack.api_url is not None and stack.backends is not None
+    stripe_where = f"{stack.stripe.url} (loopback stand-in)" if stack.stripe else "real API"
+    _say(f"API             {stack.api_url}")
+    _say(f"DynamoDB Local  {stack.backends.dynamodb_url}")
+    _say(f"Stripe          {stripe_where}")
+
+    meters = sorted(json.loads(stack.parameters["Meters"]))
+    events = _sample_events(customers, meters, datetime.now(UTC))
+    if not _record(stack.api_url, events):
+        return 1
+    _say(f"recorded        {len(events)} events, {sum(e['quantity'] for e in events)} units")
+
+    flushed = requests.post(f"{stack.api_url}/_local/flush", timeout=330)
+    if flushed.status_code != 200:
+        _say(f"flush failed: {flushed.text}")
+        return 1
+    for function, summary in flushed.json().items():
         _say(
-            f"flushed         {summary['groups_sent']} Stripe meter events for "
+            f"flushed         {function}: {summary['groups_sent']} Stripe meter events for "
             f"{summary['events_reported']} usage events ({summary['units_reported']} units)"
         )
-        if stand_in:
-            _say(f"Stripe received {stand_in.totals()}")
-        for customer in customers:
-            path = f"/v1/customers/{customer}/usage"
-            response = read.lambda_handler(http_event("GET", path), LambdaContext())
-            _say(f"GET {path}")
-            print(json.dumps(json.loads(response["body"]), indent=2), flush=True)
+    if stack.stripe:
+        _say(f"Stripe received {stack.stripe.totals()}")
+
+    for customer in customers:
+        path = f"/v1/customers/{customer}/usage"
+        response = requests.get(f"{stack.api_url}{path}", timeout=30)
+        print(json.dumps(response.json(), indent=2), flush=True)
+        if response.status_code != 200:
+            return 1
     return 0
+
+
+def main() -> int:
+    customers = os.environ.get("DEMO_CUSTOMERS", "cus_Demo1,cus_Demo2").split(",")
+    try:
+        _say(f"sam build       {sam_build():.1f} s")
+        with LocalStack(_options()) as stack:
+            return run(stack, customers)
+    except StackError as error:
+        _say(f"demo failed: {error}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 - local_table: a new table on that engine, AWS_* and TABLE_NAME env pointing at it.
 - moto_table: the same table under moto's mock_aws(), for fast unit tests.
 Both table fixtures yield a devtools.template.TableHandle(name, endpoint_url, client).
+- sam_host_build (session): `sam build` for this machine's architecture in a temporary
+  directory, built once for every test that runs the built functions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -19,6 +22,7 @@ import pytest
 from moto import mock_aws
 
 from devtools.dynamodb_local import DynamoDBLocal
+from devtools.local_stack import sam_build
 from devtools.template import TableHandle, create_usage_table, load_template
 
 REGION = "us-east-1"
@@ -77,3 +81,11 @@ def moto_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[TableHandle]:
         client = boto3.client("dynamodb", region_name=REGION)
         create_usage_table(client, name, _template())
         yield TableHandle(name=name, endpoint_url=None, client=client)
+
+
+@pytest.fixture(scope="session")
+def sam_host_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Its own build and cache directories: a running `make dev` keeps using .aws-sam/build.
+    root = tmp_path_factory.mktemp("sam-host-build")
+    sam_build(root / "build", cache_dir=root / "cache")
+    return root / "build"

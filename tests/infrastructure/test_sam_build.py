@@ -45,8 +45,8 @@ def sam_build(build_dir: Path, architecture: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host_build(tmp_path_factory) -> Path:
-    return sam_build(tmp_path_factory.mktemp("sam-x86_64"), "x86_64")
+def host_build(sam_host_build: Path) -> Path:
+    return sam_host_build  # the session's build for this machine, shared with the e2e tests
 
 
 def test_every_function_and_the_layer_are_built(host_build):

@@ -1,5 +1,6 @@
 """The HTTP contract of DESIGN §4, through the Powertools resolver with an in-memory store."""
 
+import base64
 import json
 from datetime import UTC, datetime
 
@@ -187,3 +188,10 @@ def test_an_unexpected_fault_is_a_500_that_leaks_nothing(store):
         "internals" not in response["body"]
         and response_json(response)["error"]["code"] == "internal_error"
     )
+
+
+def test_a_base64_body_that_is_not_utf8_is_400(store):
+    event = http_event("POST", "/v1/events", raw_body="")
+    event.update(body=base64.b64encode(b"\xff\xfe{").decode(), isBase64Encoded=True)
+    response = record_api(meters=METERS, store=store, now=lambda: NOW).resolve(event, Context())
+    assert response["statusCode"] == 400 and store.events == {}

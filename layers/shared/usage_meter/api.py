@@ -1,5 +1,6 @@
 """The HTTP API (DESIGN §4): request parsing, routes, and the one place errors become HTTP."""
 
+import binascii
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -111,6 +112,14 @@ def parse_json_body(body: str | None) -> Any:
         raise InvalidJson(f"the body is not valid JSON: {error}") from None
 
 
+def _json_body(app: APIGatewayHttpResolver) -> Any:
+    try:
+        raw = app.current_event.decoded_body
+    except (UnicodeDecodeError, binascii.Error):  # base64 that is not UTF-8 text
+        raise InvalidJson("the body is not UTF-8 JSON") from None
+    return parse_json_body(raw)
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -136,7 +145,7 @@ def record_api(
 
     @app.post("/v1/events")
     def record_one() -> Response[str]:
-        data = parse_json_body(app.current_event.decoded_body)
+        data = _json_body(app)
         header_key = app.current_event.headers.get("idempotency-key")
         if (
             header_key is not None
@@ -160,7 +169,7 @@ def record_api(
 
     @app.post("/v1/events/batch")
     def record_batch() -> Response[str]:
-        data = parse_json_body(app.current_event.decoded_body)
+        data = _json_body(app)
         if app.current_event.headers.get("idempotency-key") is not None:
             raise ValidationFailed(
                 "a batch takes an idempotency_key per event, not an Idempotency-Key header",

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import botocore.session
 from botocore.config import Config
@@ -262,6 +262,7 @@ class DynamoStore:
         expires = int(self._clock()) + self._retention
 
         def claim_one(event_id: str) -> tuple[str, tuple[int, int]] | None:
+            item: Item
             try:
                 item = self._db.update_item(
                     TableName=self._table,
@@ -278,7 +279,7 @@ class DynamoStore:
                 if not _is_condition_failure(error):
                     raise
                 # A retry whose first attempt was applied sees its own claim: still ours.
-                item = error.response.get("Item") or {}
+                item = cast(Item, error.response.get("Item") or {})
                 if item.get("batch_id") != _s(batch.id):
                     return None  # a concurrent run's batch has it
             return event_id, (int(item["quantity"]["N"]), int(item["event_time"]["N"]))

@@ -1,0 +1,305 @@
+"""A local stand-in for API Gateway's HTTP API: each HTTP request becomes a payload-format-2.0
+event for the function whose HttpApi route matches, and the function's answer becomes the HTTP
+response. Unknown routes answer 404 {"message":"Not Found"}, as API Gateway does.
+
+The mapping (api_event, http_response) is pure; LocalApiServer puts it on a loopback socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from devtools.local_lambda import FunctionTimeout, InvocationError
+from devtools.sam_app import RouteMatch, RouteTable
+
+ACCOUNT_ID = "123456789012"
+API_ID = "local"
+# Bodies API Gateway passes as text; anything else arrives base64-encoded.
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript")
+_TEXT_SUFFIXES = ("+json", "+xml", "x-www-form-urlencoded")
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    target: str  # path and query, as sent: /v1/customers/cus_1/usage?x=1
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    source_ip: str = "127.0.0.1"
+    protocol: str = "HTTP/1.1"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+
+def json_response(status: int, body: Any) -> HttpResponse:
+    return HttpResponse(status, [("Content-Type", "application/json")], json.dumps(body).encode())
+
+
+NOT_FOUND = json_response(404, {"message": "Not Found"})
+BAD_REQUEST = json_response(400, {"message": "Bad Request"})
+INTERNAL_ERROR = json_response(500, {"message": "Internal Server Error"})
+UNAVAILABLE = json_response(503, {"message": "Service Unavailable"})
+
+
+def is_text(content_type: str | None) -> bool:
+    mime = (content_type or "").split(";")[0].strip().lower()
+    return mime.startswith(_TEXT_TYPES) or mime.endswith(_TEXT_SUFFIXES)
+
+
+def _event_headers(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased names; repeated headers joined with commas, as API Gateway does."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    return headers
+
+
+def _query_parameters(query: str) -> dict[str, str]:
+    parameters: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        parameters[name] = f"{parameters[name]},{value}" if name in parameters else value
+    return parameters
+
+
+def _body(raw: bytes, content_type: str | None) -> tuple[str | None, bool]:
+    """(body, isBase64Encoded): text for textual types that decode as UTF-8, else base64."""
+    if not raw:
+        return None, False
+    if is_text(content_type):
+        try:
+            return raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(raw).decode("ascii"), True
+
+
+def api_event(
+    request: HttpRequest,
+    match: RouteMatch,
+    *,
+    request_id: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The API Gateway HTTP API (payload format 2.0) event for request on match's route."""
+    now = now or datetime.now(UTC)
+    parts = urlsplit(request.target)
+    headers = _event_headers(request.headers)
+    cookies = headers.pop("cookie", None)  # 2.0 moves cookies out of the headers
+    body, encoded = _body(request.body, headers.get("content-type"))
+    host = headers.get("host", "localhost").rsplit(":", 1)[0]  # API Gateway's has no port
+    http = {
+        "method": request.method.upper(),
+        "path": parts.path,
+        "protocol": request.protocol,
+        "sourceIp": request.source_ip,
+        "userAgent": headers.get("user-agent", ""),
+    }
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": match.route.route_key,
+        "rawPath": parts.path,
+        "rawQueryString": parts.query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": ACCOUNT_ID,
+            "apiId": API_ID,
+            "domainName": host,
+            "domainPrefix": host.split(".")[0],
+            "http": http,
+            "requestId": request_id or uuid.uuid4().hex,
+            "routeKey": match.route.route_key,
+            "stage": "$default",
+            "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "timeEpoch": int(now.timestamp() * 1000),
+        },
+        "isBase64Encoded": encoded,
+    }
+    # API Gateway leaves out what is empty rather than sending {} or [].
+    if cookies:
+        event["cookies"] = [c.strip() for c in cookies.split(";")]
+    if parts.query:
+        event["queryStringParameters"] = _query_parameters(parts.query)
+    if match.path_parameters:
+        event["pathParameters"] = match.path_parameters
+    if body is not None:
+        event["body"] = body
+    return event
+
+
+def http_response(result: Any) -> HttpResponse:
+    """The HTTP response for a function's result, per payload format 2.0.
+
+    A dict with statusCode is used as given; any other result is the 200 JSON body, as API
+    Gateway infers it.
+    """
+    if not (isinstance(result, dict) and "statusCode" in result):
+        return json_response(200, result)
+    headers = [(name, str(value)) for name, value in (result.get("headers") or {}).items()]
+    headers += [("Set-Cookie", cookie) for cookie in result.get("cookies") or []]
+    body = result.get("body") or ""
+    if not isinstance(body, str):
+        body = json.dumps(body)
+    raw = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
+    return HttpResponse(int(result["statusCode"]), headers, raw)
+
+
+Invoker = Callable[[str, dict[str, Any]], Any]  # (function logical id, event) → result
+LocalRoute = Callable[[HttpRequest], HttpResponse]
+
+
+def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[HttpResponse, str]:
+    """Route request to its function; (response, function logical id or '-')."""
+    match = routes.match(request.method, urlsplit(request.target).path)
+    if match is None:
+        return NOT_FOUND, "-"
+    function = match.route.function
+    try:
+        result = invoke(function, api_event(request, match))
+    except FunctionTimeout:
+        return UNAVAILABLE, function
+    except InvocationError:
+        # API Gateway hides the error from the caller; the function's log shows it.
+        return INTERNAL_ERROR, function
+    try:
+        return http_response(result), function
+    except (ValueError, TypeError):
+        return INTERNAL_ERROR, function  # a malformed answer, as API Gateway treats it
+
+
+def request_line(request: HttpRequest, response: HttpResponse, function: str, ms: float) -> str:
+    path = urlsplit(request.target).path
+    return f"{request.method:<6} {path}  {response.status}  {ms:.0f} ms  ({function})"
+
+
+class LocalApiServer:
+    """The HTTP API on http://host:port; local_routes serve /_local/... paths (POST only)."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        invoke: Invoker,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 3000,
+        local_routes: Mapping[str, LocalRoute] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.routes = routes
+        self.invoke = invoke
+        self.local_routes = dict(local_routes or {})
+        self.log = log or _print_line
+        self._server = _Server((host, port), self)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def respond(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
+        path = urlsplit(request.target).path
+        local = self.local_routes.get(path) if request.method == "POST" else None
+        if local is not None:
+            response, function = local(request), "local"
+        else:
+            response, function = handle(request, self.routes, self.invoke)
+        self.log(request_line(request, response, function, (time.perf_counter() - started) * 1e3))
+        return response
+
+
+def _print_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], api: LocalApiServer) -> None:
+        self.api = api
+        super().__init__(address, _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as API Gateway offers
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        try:
+            body = self._read_body()
+        except ValueError:  # a Content-Length or chunk size that is not a number
+            self.close_connection = True
+            self._send(BAD_REQUEST)
+            return
+        request = HttpRequest(
+            method=self.command,
+            target=self.path,
+            headers=list(self.headers.items()),
+            body=body,
+            source_ip=self.client_address[0],
+            protocol=self.request_version,
+        )
+        self._send(self.server.api.respond(request))
+
+    def _send(self, response: HttpResponse) -> None:
+        self.send_response(response.status)
+        for name, value in response.headers:
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked(self) -> bytes:
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()  # the CRLF after each chunk
+        while self.rfile.readline().strip():  # trailers up to the blank line
+            pass
+        return b"".join(chunks)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # LocalApiServer logs one line per request itself

@@ -1,0 +1,185 @@
+"""The local stack `make dev` runs, driven over real HTTP: built functions in AWS's Runtime
+Interface Emulator behind the template's routes, DynamoDB Local in memory, the Stripe stand-in.
+The sample events run through the same runtime path `make invoke` uses."""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from devtools.local_lambda import child_pids
+from devtools.local_stack import LocalStack, StackOptions
+from devtools.sam_app import function_for_event
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(sam_host_build: Path) -> Iterator[LocalStack]:
+    options = StackOptions(
+        build_dir=sam_host_build,
+        api_port=0,  # never the :3000 of a running `make dev`
+        table_name="usage-e2e-local",
+        run_schedules=False,  # flushed on demand through POST /_local/flush
+        function_log=lambda function, line: None,
+        log=lambda line: None,
+    )
+    with LocalStack(options) as running:
+        yield running
+
+
+@pytest.fixture
+def api(stack: LocalStack) -> str:
+    assert stack.api_url is not None
+    return stack.api_url
+
+
+def event(customer: str, quantity: int, key: str, meter: str = "ai_messages") -> dict:
+    return {
+        "stripe_customer_id": customer,
+        "meter": meter,
+        "quantity": quantity,
+        "idempotency_key": key,
+    }
+
+
+def test_an_event_is_accepted_and_its_replay_is_a_duplicate(api):
+    body = event("cus_LocalReplay", 3, "replay-1")
+
+    first = requests.post(f"{api}/v1/events", json=body, timeout=30)
+    again = requests.post(f"{api}/v1/events", json=body, timeout=30)
+
+    assert first.status_code == 202 and first.json()["duplicate"] is False
+    assert again.status_code == 200
+    assert again.json() == {"id": first.json()["id"], "duplicate": True}
+
+
+def test_a_body_that_is_not_json_answers_400(api):
+    response = requests.post(
+        f"{api}/v1/events", data="{oops", headers={"content-type": "application/json"}, timeout=30
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_an_invalid_event_answers_422_naming_the_field(api):
+    response = requests.post(f"{api}/v1/events", json=event("cus_LocalBad", 0, "bad"), timeout=30)
+
+    assert response.status_code == 422
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["quantity"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("DELETE", "/v1/events")])
+def test_an_unknown_route_answers_404_like_api_gateway(api, method, path):
+    response = requests.request(method, f"{api}{path}", timeout=30)
+
+    assert response.status_code == 404
+    assert response.json() == {"message": "Not Found"}
+
+
+def test_a_binary_body_arrives_base64_encoded_and_is_decoded(api):
+    raw = json.dumps(event("cus_LocalBinary", 1, "binary-1")).encode()
+
+    response = requests.post(
+        f"{api}/v1/events",
+        data=raw,
+        headers={"content-type": "application/octet-stream"},
+        timeout=30,
+    )
+
+    assert response.status_code == 202
+
+
+def test_a_batch_is_accepted_with_results_in_request_order(api):
+    events = [event("cus_LocalBatch", n, f"batch-{n}") for n in (1, 2, 3)]
+
+    response = requests.post(f"{api}/v1/events/batch", json={"events": events}, timeout=30)
+    replay = requests.post(f"{api}/v1/events", json=events[1], timeout=30)
+
+    assert response.status_code == 202
+    results = response.json()["results"]
+    assert [r["duplicate"] for r in results] == [False, False, False]
+    assert replay.json()["id"] == results[1]["id"]
+
+
+def test_a_flush_reports_to_the_stand_in_and_the_usage_shows_it(api, stack):
+    # Given usage recorded over HTTP, one event alone and two in a batch
+    customer = "cus_LocalFlush"
+    one = event(customer, 5, "flush-1")
+    batch = [event(customer, 7, "flush-2"), event(customer, 40, "flush-3", meter="api_calls")]
+    assert requests.post(f"{api}/v1/events", json=one, timeout=30).status_code == 202
+    sent = requests.post(f"{api}/v1/events/batch", json={"events": batch}, timeout=30)
+    assert sent.status_code == 202
+
+    # When the flush runs now
+    flushed = requests.post(f"{api}/_local/flush", timeout=330)
+
+    # Then Stripe received the totals and the portal's usage shows them reported
+    assert flushed.status_code == 200
+    assert flushed.json()["FlushFunction"]["errors"] == []
+    assert stack.stripe is not None
+    totals = stack.stripe.totals()
+    assert totals[(customer, "ai_messages")] == 12 and totals[(customer, "api_calls")] == 40
+    usage = requests.get(f"{api}/v1/customers/{customer}/usage", timeout=30)
+    assert usage.status_code == 200
+    meters = {m["meter"]: m for m in usage.json()["meters"]}
+    assert (meters["ai_messages"]["quantity"], meters["ai_messages"]["reported"]) == (12, 12)
+    assert (meters["api_calls"]["reported"], meters["api_calls"]["pending"]) == (40, 0)
+
+
+SAMPLE_RESULTS = {"record-event.json": 202, "record-batch.json": 202, "read-usage.json": 200}
+
+
+@pytest.mark.parametrize("sample", sorted(p.name for p in EVENTS.glob("*.json")))
+def test_every_sample_event_runs_in_its_function_like_make_invoke(stack, sample):
+    payload = json.loads((EVENTS / sample).read_text())
+    function = function_for_event(payload, stack.routes, stack.schedules)
+
+    result = stack.invoke(function, payload)
+
+    if sample in SAMPLE_RESULTS:
+        assert result["statusCode"] == SAMPLE_RESULTS[sample], result
+    else:
+        assert function == "FlushFunction" and result["errors"] == []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely an unreaped zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_stopping_a_stack_leaves_no_emulator_or_runtime_running(stack, sam_host_build):
+    # Given a second stack on the first one's DynamoDB and Stripe, its runtime warmed up
+    options = StackOptions(
+        build_dir=sam_host_build,
+        api_port=0,
+        functions=["ReadFunction"],
+        attach=stack.backends,
+        run_schedules=False,
+        function_log=lambda function, line: None,
+        log=lambda line: None,
+    )
+    second = LocalStack(options).start()
+    try:
+        answer = requests.get(f"{second.api_url}/v1/customers/cus_LocalStop/usage", timeout=30)
+        assert answer.status_code == 200
+        [runtime] = second.pools["ReadFunction"].runtimes
+        assert runtime.pid is not None
+        pids = [runtime.pid, *child_pids(runtime.pid)]
+        assert len(pids) == 2  # the emulator and the Python runtime it started
+    finally:
+        # When it stops
+        second.stop()
+
+    # Then neither process is left
+    assert [pid for pid in pids if _alive(pid)] == []
