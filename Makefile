@@ -12,7 +12,7 @@ export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
 
-.PHONY: help setup dev invoke demo test test-fast build validate lint campaign admin bench clean .java
+.PHONY: help setup dev invoke demo test test-fast build validate lint openapi campaign admin bench clean .java
 
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,13 +35,13 @@ node_modules/.installed: package.json package-lock.json
 	@java -version 2>&1 | head -1 >&2
 
 dev: setup ## serve the API on :3000 in Lambda runtimes, no Docker; flags: make dev ARGS=--help
-	$(PY) -m devtools.dev $(ARGS)
+	PYTHONPATH=layers/shared:. $(PY) -m devtools.dev $(ARGS)
 
 invoke: setup ## Docker-free `sam local invoke`: make invoke FN=FlushFunction EVENT=events/<file>.json
-	$(PY) -m devtools.local_invoke $(FN) $(if $(EVENT),--event $(EVENT))
+	PYTHONPATH=layers/shared:. $(PY) -m devtools.local_invoke $(FN) $(if $(EVENT),--event $(EVENT))
 
 demo: setup ## build, start the local stack, record sample usage over HTTP, flush, print usage JSON
-	$(PY) -m devtools.demo
+	PYTHONPATH=layers/shared:. $(PY) -m devtools.demo
 
 test: setup ## the whole suite: unit, integration (DynamoDB Local), infrastructure, end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -58,6 +58,9 @@ validate: setup ## lint the template offline
 lint: setup ## ruff and mypy
 	ruff check . && ruff format --check . && mypy
 
+openapi: setup ## regenerate openapi.json from the pydantic models (a unit test checks it for drift)
+	PYTHONPATH=layers/shared $(PY) -m devtools.openapi
+
 campaign: setup ## the randomized fault campaign (SEEDS=200): exits 1 if any unit is lost or doubled
 	PYTHONPATH=layers/shared:. $(PY) -m tests.faults.campaign --seeds $(or $(SEEDS),200)
 
@@ -65,7 +68,7 @@ admin: setup ## operators' command on a deployed table, e.g. make admin ARGS="--
 	PYTHONPATH=layers/shared $(PY) -m usage_meter.admin $(ARGS)
 
 bench: setup ## benchmarks (cold-start imports, read cost, flush throughput)
-	$(PY) -m pytest benchmarks --benchmark-only -p no:randomly $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 clean: ## remove build output and local data
 	rm -rf .aws-sam .local .pytest_cache

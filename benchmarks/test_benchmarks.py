@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
+from tests.fakes import FakeBilling, InMemoryStore
 from usage_meter.logic.flush import Flusher
 from usage_meter.logic.record import record_events
 from usage_meter.logic.usage import current_usage
 from usage_meter.models.input import BatchIn
-
-from tests.fakes import FakeBilling, InMemoryStore
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)

@@ -57,10 +57,10 @@ def _options() -> StackOptions:
     )
 
 
-def _record(api_url: str, events: list[dict[str, Any]]) -> bool:
+def _record(api_url: str, session: requests.Session, events: list[dict[str, Any]]) -> bool:
     for start in range(0, len(events), BATCH_SIZE):
         batch = {"events": events[start : start + BATCH_SIZE]}
-        response = requests.post(f"{api_url}/v1/events/batch", json=batch, timeout=30)
+        response = session.post(f"{api_url}/v1/events/batch", json=batch, timeout=30)
         if response.status_code != 202:
             _say(f"record failed: {response.status_code} {response.text}")
             return False
@@ -74,9 +74,12 @@ def run(stack: LocalStack, customers: list[str]) -> int:
     _say(f"DynamoDB Local  {stack.backends.dynamodb_url}")
     _say(f"Stripe          {stripe_where}")
 
+    # The app's side uses a server key; the portal's side a token for one customer.
+    app = requests.Session()
+    app.headers["Authorization"] = f"Bearer {stack.server_key}"
     meters = sorted(json.loads(stack.parameters["Meters"]))
     events = _sample_events(customers, meters, datetime.now(UTC))
-    if not _record(stack.api_url, events):
+    if not _record(stack.api_url, app, events):
         return 1
     _say(f"recorded        {len(events)} events, {sum(e['quantity'] for e in events)} units")
 
@@ -93,8 +96,18 @@ def run(stack: LocalStack, customers: list[str]) -> int:
         _say(f"Stripe received {stack.stripe.totals()}")
 
     for customer in customers:
+        issued = app.post(
+            f"{stack.api_url}/v1/portal-tokens",
+            json={"stripe_customer_id": customer, "ttl_seconds": 600},
+            timeout=30,
+        )
+        if issued.status_code != 201:
+            _say(f"portal token failed: {issued.text}")
+            return 1
         path = f"/v1/customers/{customer}/usage"
-        response = requests.get(f"{stack.api_url}{path}", timeout=30)
+        portal = {"Authorization": f"Bearer {issued.json()['token']}"}
+        response = requests.get(f"{stack.api_url}{path}", headers=portal, timeout=30)
+        _say(f"GET {path}  (with a portal token for {customer})")
         print(json.dumps(response.json(), indent=2), flush=True)
         if response.status_code != 200:
             return 1

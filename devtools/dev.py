@@ -92,6 +92,9 @@ def banner(stack: LocalStack, in_memory: bool) -> list[str]:
     """The start-up lines: where everything is and how to use it."""
     assert stack.backends is not None
     lines = ["usage-meter runs locally (Ctrl-C stops everything)", _row("API", str(stack.api_url))]
+    if stack.server_key:
+        lines.append(_row("Server key", f"{stack.server_key}  (admin scope, for this run)"))
+        lines.append(_row("", '  send it as  -H "Authorization: Bearer <server key>"'))
     for route in sorted(stack.routes.routes, key=lambda r: r.path):
         lines.append(_row("", f"  {route.method:<6} {route.path:<44} {route.function}"))
     scheduled = ", ".join(s.function for s in stack.schedules) or "nothing"

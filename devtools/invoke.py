@@ -10,6 +10,8 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The authorizer's context for a server key with every scope.
+SERVER_KEY: dict[str, Any] = {"kind": "key", "id": "0123456789ab", "scopes": "admin"}
 
 
 def http_event(
@@ -20,7 +22,10 @@ def http_event(
     headers: dict[str, str] | None = None,
     raw_body: str | None = None,
     base64_encoded: bool = False,
+    principal: dict[str, Any] | None = SERVER_KEY,
 ) -> dict[str, Any]:
+    """The event a function gets behind API Gateway, after the authorizer let `principal` in
+    (its context; None: no authorizer ran)."""
     text = raw_body if raw_body is not None else (None if body is None else json.dumps(body))
     if text is not None and base64_encoded:
         text = base64.b64encode(text.encode()).decode()
@@ -49,6 +54,7 @@ def http_event(
             "stage": "$default",
             "time": "26/Nov/2026:08:00:00 +0000",
             "timeEpoch": 1795680000000,
+            **({"authorizer": {"lambda": principal}} if principal is not None else {}),
         },
         "body": text,
         "isBase64Encoded": base64_encoded,

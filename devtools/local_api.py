@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from devtools.local_lambda import FunctionTimeout, InvocationError
-from devtools.sam_app import RouteMatch, RouteTable
+from devtools.local_lambda import FunctionError, FunctionTimeout, InvocationError
+from devtools.sam_app import Authorizer, RouteMatch, RouteTable
 
 ACCOUNT_ID = "123456789012"
 API_ID = "local"
@@ -55,6 +55,8 @@ NOT_FOUND = json_response(404, {"message": "Not Found"})
 BAD_REQUEST = json_response(400, {"message": "Bad Request"})
 INTERNAL_ERROR = json_response(500, {"message": "Internal Server Error"})
 UNAVAILABLE = json_response(503, {"message": "Service Unavailable"})
+UNAUTHORIZED = json_response(401, {"message": "Unauthorized"})
+FORBIDDEN = json_response(403, {"message": "Forbidden"})
 
 
 def is_text(content_type: str | None) -> bool:
@@ -170,8 +172,13 @@ def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[H
     if match is None:
         return NOT_FOUND, "-"
     function = match.route.function
+    event = api_event(request, match)
+    if match.route.authorizer is not None:
+        denied = _authorize(event, match.route.authorizer, invoke)
+        if denied is not None:
+            return denied, match.route.authorizer.function
     try:
-        result = invoke(function, api_event(request, match))
+        result = invoke(function, event)
     except FunctionTimeout:
         return UNAVAILABLE, function
     except InvocationError:
@@ -181,6 +188,42 @@ def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[H
         return http_response(result), function
     except (ValueError, TypeError):
         return INTERNAL_ERROR, function  # a malformed answer, as API Gateway treats it
+
+
+def authorizer_event(event: Mapping[str, Any], authorizer: Authorizer) -> dict[str, Any]:
+    """The payload-2.0 REQUEST authorizer event API Gateway sends for a route's event."""
+    headers = event.get("headers") or {}
+    return {
+        "version": "2.0",
+        "type": "REQUEST",
+        "routeArn": f"arn:aws:execute-api:us-east-1:{ACCOUNT_ID}:{API_ID}/$default/"
+        + event["routeKey"].replace(" ", ""),
+        "identitySource": [headers[h.lower()] for h in authorizer.identity_headers],
+        **{k: v for k, v in event.items() if k not in ("body", "isBase64Encoded", "version")},
+    }
+
+
+def _authorize(
+    event: dict[str, Any], authorizer: Authorizer, invoke: Invoker
+) -> HttpResponse | None:
+    """Run the route's authorizer as API Gateway does: a missing identity header is 401 without
+    calling it; its error "Unauthorized" is 401, isAuthorized false is 403, and its context
+    reaches the function as requestContext.authorizer.lambda. (No result caching locally.)"""
+    headers = event.get("headers") or {}
+    if not all(headers.get(h.lower()) for h in authorizer.identity_headers):
+        return UNAUTHORIZED
+    try:
+        answer = invoke(authorizer.function, authorizer_event(event, authorizer))
+    except FunctionError as error:
+        return (
+            UNAUTHORIZED if error.payload.get("errorMessage") == "Unauthorized" else INTERNAL_ERROR
+        )
+    except InvocationError:
+        return INTERNAL_ERROR
+    if not isinstance(answer, dict) or not answer.get("isAuthorized"):
+        return FORBIDDEN
+    event["requestContext"]["authorizer"] = {"lambda": answer.get("context") or {}}
+    return None
 
 
 def request_line(request: HttpRequest, response: HttpResponse, function: str, ms: float) -> str:
@@ -258,6 +301,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch()
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (TRACE, QUERY, ...) reaches the route table too: an unrouted one is
+        # a 404, as on API Gateway, not the standard library's 501.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
     def _dispatch(self) -> None:
         try:

@@ -56,6 +56,9 @@ from devtools.sam_app import (
     schedules,
 )
 from devtools.template import create_usage_table, load_template
+from usage_meter.logic.auth import create_api_key
+from usage_meter.models.auth import Scope
+from usage_meter.store.dynamodb import DynamoStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUILD_DIR = REPO_ROOT / ".aws-sam" / "build"
@@ -104,6 +107,9 @@ def sam_build(
     return time.monotonic() - started
 
 
+LOCAL_PORTAL_TOKEN_SECRET = "local-only-portal-token-secret"
+
+
 @dataclass(frozen=True)
 class Backends:
     """Where the functions' DynamoDB and Stripe calls go."""
@@ -112,6 +118,8 @@ class Backends:
     table_name: str
     stripe_api_key: str
     stripe_api_base: str | None  # None: Stripe itself (test mode)
+    # Signs portal tokens locally, in place of the deployed Secrets Manager secret.
+    portal_token_secret: str = LOCAL_PORTAL_TOKEN_SECRET
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -120,6 +128,8 @@ class Backends:
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
             "STRIPE_API_KEY": self.stripe_api_key,
+            "PORTAL_TOKEN_SECRET": self.portal_token_secret,
+            "PORTAL_TOKEN_SECRET_NAME": "",  # the template's names a deployed secret
         }
         if self.stripe_api_base is not None:
             env["STRIPE_API_BASE"] = self.stripe_api_base
@@ -192,6 +202,13 @@ def ensure_table(engine: DynamoDBLocal, table_name: str, template: dict[str, Any
         return True
 
 
+def create_local_key(engine: DynamoDBLocal, table_name: str) -> str:
+    """A fresh admin server key for this local run: every route needs one."""
+    store = DynamoStore(table_name, client=engine.client())
+    key, _ = create_api_key("local run", {Scope.ADMIN}, keys=store, now=int(time.time()))
+    return key
+
+
 class _Repeat:
     """Calls action every `seconds` on a thread until stopped; the first call after one period."""
 
@@ -231,6 +248,7 @@ class LocalStack:
         self.stripe: FakeStripe | None = None  # the stand-in, when one runs
         self.api: LocalApiServer | None = None
         self.table_created = False
+        self.server_key: str | None = None  # an admin key made for this run, when it owns the data
         self._running = ExitStack()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -272,6 +290,7 @@ class LocalStack:
         self._running.callback(engine.stop)
         engine.start()
         self.table_created = ensure_table(engine, self.options.table_name, self.template)
+        self.server_key = create_local_key(engine, self.options.table_name)
         key, base = self.options.stripe_api_key, None
         if key is None:
             self.stripe = FakeStripe("127.0.0.1", 0)

@@ -51,12 +51,22 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
+class Authorizer:
+    """A Lambda REQUEST authorizer guarding routes (payload 2.0, simple responses)."""
+
+    name: str
+    function: str
+    identity_headers: tuple[str, ...]  # all must be present, or API Gateway answers 401
+
+
+@dataclass(frozen=True)
 class Route:
     """An HttpApi event: `POST /v1/events` → RecordFunction. Method ANY matches every method."""
 
     method: str
     path: str
     function: str
+    authorizer: Authorizer | None = None
 
     @property
     def route_key(self) -> str:
@@ -222,7 +232,8 @@ def _layer_ids(layers: list[Any], resources: Mapping[str, Any], function: str) -
 
 
 def route_table(template: Mapping[str, Any]) -> RouteTable:
-    """The HTTP API routes: one per HttpApi event of every function."""
+    """The HTTP API routes: one per HttpApi event of every function, with its authorizer."""
+    default, authorizers = _api_auth(template)
     routes = []
     for logical_id, properties in _functions(template).items():
         for event in (properties.get("Events") or {}).values():
@@ -232,8 +243,28 @@ def route_table(template: Mapping[str, Any]) -> RouteTable:
             # An HttpApi event without Path and Method is API Gateway's $default route.
             path = spec.get("Path", DEFAULT_ROUTE)
             method = str(spec.get("Method", "ANY")).upper()
-            routes.append(Route(method=method, path=path, function=logical_id))
+            name = (spec.get("Auth") or {}).get("Authorizer", default)
+            authorizer = authorizers.get(name) if name and name != "NONE" else None
+            routes.append(Route(method, path, logical_id, authorizer))
     return RouteTable(tuple(routes))
+
+
+def _api_auth(template: Mapping[str, Any]) -> tuple[str | None, dict[str, Authorizer]]:
+    """The HttpApi's default authorizer name and its Lambda authorizers by name."""
+    for resource in (template.get("Resources") or {}).values():
+        if resource.get("Type") != "AWS::Serverless::HttpApi":
+            continue
+        auth = (resource.get("Properties") or {}).get("Auth") or {}
+        authorizers = {}
+        for name, config in (auth.get("Authorizers") or {}).items():
+            arn = config.get("FunctionArn") or {}
+            function = arn.get("Fn::GetAtt", [None])[0] if isinstance(arn, dict) else None
+            if function is None:
+                continue  # an authorizer outside the template cannot run locally
+            headers = tuple((config.get("Identity") or {}).get("Headers") or ())
+            authorizers[name] = Authorizer(name, function, headers)
+        return auth.get("DefaultAuthorizer"), authorizers
+    return None, {}
 
 
 def schedules(template: Mapping[str, Any], parameters: Mapping[str, str]) -> list[Schedule]:

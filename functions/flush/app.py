@@ -2,6 +2,7 @@
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.config import Settings
 from usage_meter.logic.flush import Flusher, FlushPolicy

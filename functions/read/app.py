@@ -1,16 +1,20 @@
-"""GET /v1/customers/{stripe_customer_id}/usage."""
+"""GET /v1/customers/{stripe_customer_id}/usage and POST /v1/portal-tokens."""
 
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from usage_meter.api import read_api
 from usage_meter.config import Settings
 from usage_meter.observability import logger
+from usage_meter.secrets import portal_token_secret
 from usage_meter.store.dynamodb import DynamoStore
 
 settings = Settings.from_env()
 app = read_api(
     included={name: meter.included for name, meter in settings.meters.items()},
     store=DynamoStore(settings.table_name),
+    token_secret=lambda: portal_token_secret(settings),  # fetched on the first token request
+    portal_origins=settings.portal_origins,
 )
 
 

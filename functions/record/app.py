@@ -2,6 +2,7 @@
 
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from usage_meter.api import record_api
 from usage_meter.config import Settings
 from usage_meter.observability import logger, metrics

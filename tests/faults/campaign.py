@@ -16,13 +16,12 @@ import time
 import uuid
 from typing import Any
 
-from usage_meter.logic.quarantine import replay
-
 from devtools.dynamodb_local import DynamoDBLocal
 from devtools.fake_stripe import FakeStripe
 from devtools.template import create_usage_table
 from tests.faults.harness import Fault
 from tests.faults.world import World
+from usage_meter.logic.quarantine import replay
 
 _ALL = ["put_item", "update_item", "transact_write_items", "batch_get_item", "query"]
 _OPERATIONS_FOR = {

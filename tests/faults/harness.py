@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
+
+from devtools.fake_stripe import FakeStripe
 from usage_meter.logic.periods import calendar_month, period_key
 from usage_meter.models.domain import BatchState
 from usage_meter.store.dynamodb import DynamoStore
-
-from devtools.fake_stripe import FakeStripe
 
 
 class Crash(BaseException):

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from usage_meter.logic.flush import FlushPolicy
 
 from tests.faults.harness import Fault
+from usage_meter.logic.flush import FlushPolicy
 
 CLEAN = {"lost": 0, "doubled": 0, "left_unreported": 0}
 NOW = int(time.time())

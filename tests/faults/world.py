@@ -9,15 +9,15 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import ClientError
+
+from devtools.fake_stripe import FakeStripe
+from tests.faults.harness import Crash, Fault, FaultyDynamoDB, Ledger, check_invariant
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.logic.flush import Flusher, FlushPolicy
 from usage_meter.logic.record import record_events
 from usage_meter.models.input import EventIn
 from usage_meter.models.output import FlushSummary
 from usage_meter.store.dynamodb import DynamoStore
-
-from devtools.fake_stripe import FakeStripe
-from tests.faults.harness import Crash, Fault, FaultyDynamoDB, Ledger, check_invariant
 
 METERS = {"ai_messages", "api_calls"}
 FAST = FlushPolicy(reserve_seconds=1.0, backoff_base=0.01, backoff_cap=0.05)

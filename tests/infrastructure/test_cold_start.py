@@ -37,7 +37,7 @@ def imported_by(function: str) -> set[str]:
     return set(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize("function", ["record", "read"])
+@pytest.mark.parametrize("function", ["record", "read", "authorizer"])
 def test_api_functions_do_not_import_stripe(function):
     assert "stripe" not in imported_by(function)
 

@@ -14,6 +14,9 @@ from devtools.template import load_template
 ROOT = Path(__file__).resolve().parents[2]
 
 
+FUNCTIONS = ("RecordFunction", "FlushFunction", "ReadFunction", "AuthorizerFunction")
+
+
 class _NoManagedPolicies(ManagedPolicyLoader):
     """The template names no managed policies by name, so nothing needs IAM to resolve."""
 
@@ -67,9 +70,9 @@ def test_cfn_lint_reports_nothing():
 
 def test_the_sam_transform_yields_the_designed_resources(transformed):
     resources = transformed["Resources"]
-    for logical_id in ("RecordFunction", "FlushFunction", "ReadFunction", "UsageTable", "UsageApi"):
+    for logical_id in (*FUNCTIONS, "UsageTable", "UsageApi"):
         assert logical_id in resources
-    for function in ("RecordFunction", "FlushFunction", "ReadFunction"):
+    for function in FUNCTIONS:
         props = resources[function]["Properties"]
         assert props["Runtime"] == "python3.13" and props["Handler"] == "app.lambda_handler"
         assert props["Architectures"] == [{"Ref": "Architecture"}]
@@ -83,7 +86,31 @@ def test_routes_are_the_contracts_routes(transformed):
         "POST /v1/events",
         "POST /v1/events/batch",
         "GET /v1/customers/{stripe_customer_id}/usage",
+        "POST /v1/portal-tokens",
+        "OPTIONS /v1/customers/{stripe_customer_id}/usage",
     }
+
+
+def test_every_route_is_guarded_by_the_lambda_authorizer(transformed):
+    body = transformed["Resources"]["UsageApi"]["Properties"]["Body"]
+    for path, methods in body["paths"].items():
+        for method, operation in methods.items():
+            if method != "options":
+                assert operation.get("security") == [{"KeyOrToken": []}], (method, path)
+    authorizer = body["components"]["securitySchemes"]["KeyOrToken"][
+        "x-amazon-apigateway-authorizer"
+    ]
+    assert authorizer["type"] == "request" and authorizer["enableSimpleResponses"] is True
+    assert authorizer["authorizerResultTtlInSeconds"] > 0  # cached
+    assert "$request.header.Authorization" in authorizer["identitySource"]
+
+
+def test_only_the_usage_routes_cors_preflight_skips_the_authorizer(transformed):
+    paths = transformed["Resources"]["UsageApi"]["Properties"]["Body"]["paths"]
+    preflight = paths["/v1/customers/{stripe_customer_id}/usage"]["options"]
+    assert preflight["security"] == [{"NONE": []}]  # SAM's spelling of "no authorizer"
+    read = transformed["Resources"]["ReadFunction"]["Properties"]["Environment"]["Variables"]
+    assert read["PORTAL_ORIGINS"] == {"Ref": "PortalOrigins"}
 
 
 def test_the_table_is_on_demand_recoverable_expiring_with_a_sparse_index():
@@ -103,7 +130,7 @@ def test_the_flush_runs_on_a_schedule_parameter(transformed):
 
 
 def test_no_statement_grants_a_wildcard_resource(transformed):
-    for function in ("RecordFunction", "FlushFunction", "ReadFunction"):
+    for function in FUNCTIONS:
         for statement in statements(transformed, function):
             resources = statement["Resource"]
             for resource in resources if isinstance(resources, list) else [resources]:
@@ -119,7 +146,10 @@ def test_no_statement_grants_a_wildcard_resource(transformed):
 
 
 def test_the_read_function_cannot_write(transformed):
-    assert actions(transformed, "ReadFunction") == {"dynamodb:Query", "dynamodb:GetItem"}
+    assert {a for a in actions(transformed, "ReadFunction") if a.startswith("dynamodb:")} == {
+        "dynamodb:Query",
+        "dynamodb:GetItem",
+    }
 
 
 def test_the_record_function_writes_but_cannot_read_the_backlog_or_secrets(transformed):
@@ -128,13 +158,36 @@ def test_the_record_function_writes_but_cannot_read_the_backlog_or_secrets(trans
     assert not any(a.startswith("secretsmanager:") for a in granted)
 
 
+def secrets_readable_by(transformed: dict[str, Any], function: str) -> list[str]:
+    return [
+        str(s["Resource"])
+        for s in statements(transformed, function)
+        if "secretsmanager:GetSecretValue" in s["Action"]
+    ]
+
+
 def test_only_the_flush_can_read_the_stripe_secret(transformed):
     readers = {
         f
-        for f in ("RecordFunction", "FlushFunction", "ReadFunction")
-        if "secretsmanager:GetSecretValue" in actions(transformed, f)
+        for f in FUNCTIONS
+        if any("StripeSecretName" in r for r in secrets_readable_by(transformed, f))
     }
     assert readers == {"FlushFunction"}
+
+
+def test_the_portal_token_secret_is_read_by_the_authorizer_and_the_issuer_only(transformed):
+    readers = {
+        f
+        for f in FUNCTIONS
+        if any("PortalTokenSecret" in r for r in secrets_readable_by(transformed, f))
+    }
+    assert readers == {"AuthorizerFunction", "ReadFunction"}
+
+
+def test_the_authorizer_reads_only_key_items(transformed):
+    [table, _secret] = statements(transformed, "AuthorizerFunction")
+    assert table["Action"] == ["dynamodb:GetItem"]
+    assert table["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["APIKEY#*"]}}
 
 
 def test_outputs_name_the_api_url_and_the_table():

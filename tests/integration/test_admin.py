@@ -3,14 +3,13 @@
 import json
 from datetime import UTC, datetime
 
+from tests.fakes import FakeBilling
 from usage_meter import admin
 from usage_meter.billing import PermanentBillingError
 from usage_meter.logic.flush import Flusher
 from usage_meter.logic.record import record_events
 from usage_meter.models.input import EventIn
 from usage_meter.store.dynamodb import DynamoStore
-
-from tests.fakes import FakeBilling
 
 
 def quarantine_one(table: str, customer: str) -> None:

@@ -13,6 +13,7 @@ EVENTS = Path(__file__).resolve().parents[2] / "events"
 
 @pytest.fixture
 def env(local_table, monkeypatch):
+    monkeypatch.setenv("PORTAL_TOKEN_SECRET", "test-only-secret")
     monkeypatch.setenv(
         "METERS", '{"ai_messages": {"included": 1000}, "api_calls": {"included": 0}}'
     )
@@ -34,6 +35,8 @@ def test_the_sample_events_record_flush_and_read(env):
     summary = invoke("flush", "flush-schedule.json")
     assert summary["events_reported"] == 4 and env.totals()[("cus_Q1w2E3r4", "ai_messages")] == 5
     usage = json.loads(invoke("read", "read-usage.json")["body"])
+    token = json.loads(invoke("read", "issue-portal-token.json")["body"])["token"]
+    assert token.startswith("upt_")
     assert {m["meter"]: m["reported"] for m in usage["meters"]} == {
         "ai_messages": 5,
         "api_calls": 40,
@@ -43,6 +46,7 @@ def test_the_sample_events_record_flush_and_read(env):
 def test_there_is_a_sample_for_every_route_and_the_schedule():
     assert sorted(p.name for p in EVENTS.glob("*.json")) == [
         "flush-schedule.json",
+        "issue-portal-token.json",
         "read-usage.json",
         "record-batch.json",
         "record-event.json",

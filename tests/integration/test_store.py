@@ -4,13 +4,13 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
+
+from tests.fakes import FakeBilling
 from usage_meter.logic.flush import Flusher, plan
 from usage_meter.logic.record import record_events
 from usage_meter.models.domain import BatchState
 from usage_meter.models.input import EventIn
 from usage_meter.store.dynamodb import INDEX, DynamoStore
-
-from tests.fakes import FakeBilling
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 T = int(NOW.timestamp())

@@ -4,6 +4,8 @@ import time
 
 import pytest
 import stripe as stripe_sdk
+
+from devtools.fake_stripe import FakeStripe
 from usage_meter.billing import (
     BillingAuthError,
     PermanentBillingError,
@@ -13,8 +15,6 @@ from usage_meter.billing import (
 )
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.models.domain import MeterEventRequest
-
-from devtools.fake_stripe import FakeStripe
 
 REQUEST = MeterEventRequest(
     identifier="umb_test1",

@@ -5,10 +5,10 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from usage_meter.api import MAX_BODY_BYTES, read_api, record_api
 
 from devtools.invoke import http_event, response_json
 from tests.fakes import InMemoryStore
+from usage_meter.api import MAX_BODY_BYTES, read_api, record_api
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 METERS = {"ai_messages": {"included": 1000}}
@@ -195,3 +195,100 @@ def test_a_base64_body_that_is_not_utf8_is_400(store):
     event.update(body=base64.b64encode(b"\xff\xfe{").decode(), isBase64Encoded=True)
     response = record_api(meters=METERS, store=store, now=lambda: NOW).resolve(event, Context())
     assert response["statusCode"] == 400 and store.events == {}
+
+
+# -- behind the authorizer ------------------------------------------------------------------
+
+
+def test_a_request_that_skipped_the_authorizer_is_401_and_stores_nothing(store):
+    response = record_api(meters=METERS, store=store, now=lambda: NOW).resolve(
+        http_event("POST", "/v1/events", EVENT, principal=None), Context()
+    )
+    assert response["statusCode"] == 401 and store.events == {}
+    assert response_json(response)["error"]["code"] == "unauthorized"
+
+
+def test_a_portal_principal_for_another_customer_is_403(store):
+    portal = {
+        "kind": "portal",
+        "id": "cus_B1",
+        "scopes": "read",
+        "customer": "cus_B1",
+        "expires_at": int(NOW.timestamp()) + 60,
+    }
+    app = read_api(included={"ai_messages": 1000}, store=store, now=lambda: NOW)
+    event = http_event("GET", "/v1/customers/cus_Q1w2E3r4/usage", principal=portal)
+    assert app.resolve(event, Context())["statusCode"] == 403
+
+
+def test_a_portal_principal_whose_token_expired_since_it_was_cached_is_401(store):
+    portal = {
+        "kind": "portal",
+        "id": "cus_Q1w2E3r4",
+        "scopes": "read",
+        "customer": "cus_Q1w2E3r4",
+        "expires_at": int(NOW.timestamp()) - 1,
+    }
+    app = read_api(included={"ai_messages": 1000}, store=store, now=lambda: NOW)
+    event = http_event("GET", "/v1/customers/cus_Q1w2E3r4/usage", principal=portal)
+    assert app.resolve(event, Context())["statusCode"] == 401
+
+
+def test_a_read_key_cannot_record(store):
+    reader = {"kind": "key", "id": "0123456789ab", "scopes": "read"}
+    event = http_event("POST", "/v1/events", EVENT, principal=reader)
+    response = record_api(meters=METERS, store=store, now=lambda: NOW).resolve(event, Context())
+    assert response["statusCode"] == 403 and store.events == {}
+
+
+def test_a_portal_token_is_issued_for_a_customer_and_opens_its_usage(store):
+    from usage_meter.logic.auth import verify_portal_token
+
+    app = read_api(
+        included={"ai_messages": 1000}, store=store, now=lambda: NOW, token_secret=lambda: b"s"
+    )
+    body = {"stripe_customer_id": "cus_Q1w2E3r4", "ttl_seconds": 600}
+    response = app.resolve(http_event("POST", "/v1/portal-tokens", body), Context())
+    assert response["statusCode"] == 201
+    out = response_json(response)
+    principal = verify_portal_token(out["token"], b"s", int(NOW.timestamp()))
+    assert principal.customer == "cus_Q1w2E3r4" and out["expires_at"] == "2026-11-26T08:10:00Z"
+
+
+@pytest.mark.parametrize("ttl", [0, 59, 86401, "600", 1.5])
+def test_a_portal_token_ttl_outside_a_minute_to_a_day_is_422(store, ttl):
+    app = read_api(
+        included={"ai_messages": 1000}, store=store, now=lambda: NOW, token_secret=lambda: b"s"
+    )
+    body = {"stripe_customer_id": "cus_Q1w2E3r4", "ttl_seconds": ttl}
+    assert (
+        app.resolve(http_event("POST", "/v1/portal-tokens", body), Context())["statusCode"] == 422
+    )
+
+
+def test_the_portal_origin_gets_cors_headers_and_a_preflight_answer(store):
+    app = read_api(
+        included={"ai_messages": 1000},
+        store=store,
+        now=lambda: NOW,
+        portal_origins=("https://portal.example.com",),
+    )
+    get = http_event(
+        "GET", "/v1/customers/cus_Q1w2E3r4/usage", headers={"Origin": "https://portal.example.com"}
+    )
+    headers = app.resolve(get, Context())["headers"]
+    assert headers["Access-Control-Allow-Origin"] == "https://portal.example.com"
+    preflight = http_event(
+        "OPTIONS",
+        "/v1/customers/cus_Q1w2E3r4/usage",
+        principal=None,
+        headers={"Origin": "https://portal.example.com", "Access-Control-Request-Method": "GET"},
+    )
+    answer = app.resolve(preflight, Context())
+    assert (
+        answer["statusCode"] == 204 and "GET" in answer["headers"]["Access-Control-Allow-Methods"]
+    )
+    other = http_event(
+        "GET", "/v1/customers/cus_Q1w2E3r4/usage", headers={"Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in app.resolve(other, Context())["headers"]

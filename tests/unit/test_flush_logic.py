@@ -2,6 +2,8 @@ import random
 from datetime import UTC, datetime
 
 import pytest
+
+from tests.fakes import FakeBilling, InMemoryStore
 from usage_meter.billing import (
     BillingAuthError,
     PermanentBillingError,
@@ -12,8 +14,6 @@ from usage_meter.logic.flush import MAX_BATCH_EVENTS, MAX_STRIPE_VALUE, Flusher,
 from usage_meter.logic.record import record_events
 from usage_meter.models.domain import BacklogEvent, Batch, BatchState, MeterEventRequest
 from usage_meter.models.input import EventIn
-
-from tests.fakes import FakeBilling, InMemoryStore
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 T = int(NOW.timestamp())

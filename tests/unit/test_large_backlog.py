@@ -4,11 +4,10 @@ deadline with consistent state, and later runs finish the job, each unit once.""
 from collections import Counter
 from datetime import UTC, datetime
 
+from tests.fakes import FakeBilling, InMemoryStore
 from usage_meter.logic.flush import Flusher, FlushPolicy
 from usage_meter.logic.record import record_events
 from usage_meter.models.input import EventIn
-
-from tests.fakes import FakeBilling, InMemoryStore
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 T = int(NOW.timestamp())

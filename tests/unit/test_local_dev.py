@@ -62,9 +62,22 @@ def request(method="GET", target="/", headers=(), body=b"") -> HttpRequest:
 def test_the_routes_are_the_templates_httpapi_events(routes):
     assert sorted((r.method, r.path, r.function) for r in routes.routes) == [
         ("GET", "/v1/customers/{stripe_customer_id}/usage", "ReadFunction"),
+        ("OPTIONS", "/v1/customers/{stripe_customer_id}/usage", "ReadFunction"),
         ("POST", "/v1/events", "RecordFunction"),
         ("POST", "/v1/events/batch", "RecordFunction"),
+        ("POST", "/v1/portal-tokens", "ReadFunction"),
     ]
+
+
+def test_every_route_but_the_cors_preflight_has_the_templates_authorizer(routes):
+    guarded = {(r.method, r.authorizer.function if r.authorizer else None) for r in routes.routes}
+    assert guarded == {
+        ("GET", "AuthorizerFunction"),
+        ("POST", "AuthorizerFunction"),
+        ("OPTIONS", None),
+    }
+    [headers] = {r.authorizer.identity_headers for r in routes.routes if r.authorizer}
+    assert headers == ("Authorization",)
 
 
 def test_a_path_parameter_is_matched_and_url_decoded(routes):
@@ -301,10 +314,10 @@ def test_a_function_error_answers_500_and_a_timeout_503(routes):
     def slow(function, event):
         raise FunctionTimeout("Task timed out after 10.00 seconds")
 
-    target = request("GET", "/v1/customers/cus_1/usage")
-    assert handle(target, routes, failing)[0].status == 500
-    assert handle(target, routes, slow)[0].status == 503
-    assert json.loads(handle(target, routes, failing)[0].body) == {
+    target = request("GET", "/v1/customers/cus_1/usage", headers=[("Authorization", "Bearer k")])
+    assert handle(target, routes, authorized(failing))[0].status == 500
+    assert handle(target, routes, authorized(slow))[0].status == 503
+    assert json.loads(handle(target, routes, authorized(failing))[0].body) == {
         "message": "Internal Server Error"
     }
 
@@ -316,10 +329,79 @@ def test_the_matched_function_gets_the_event(routes):
         seen.append((function, event["routeKey"]))
         return {"statusCode": 202, "body": "{}"}
 
-    response, function = handle(request("POST", "/v1/events/batch"), routes, record)
+    target = request("POST", "/v1/events/batch", headers=[("Authorization", "Bearer k")])
+    response, function = handle(target, routes, authorized(record))
 
     assert response.status == 202 and function == "RecordFunction"
     assert seen == [("RecordFunction", "POST /v1/events/batch")]
+
+
+def authorized(inner, context=None):
+    """An invoker whose authorizer lets everyone in with `context`."""
+
+    def invoke(function, event):
+        if function == "AuthorizerFunction":
+            return {"isAuthorized": True, "context": context or {"kind": "key", "id": "k"}}
+        return inner(function, event)
+
+    return invoke
+
+
+def test_a_request_without_the_identity_header_is_401_without_running_the_authorizer(routes):
+    def never(function, event):
+        raise AssertionError(f"{function} must not run")
+
+    response, _ = handle(request("POST", "/v1/events"), routes, never)
+    assert (response.status, json.loads(response.body)) == (401, {"message": "Unauthorized"})
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (
+            FunctionError(
+                "AuthorizerFunction", {"errorType": "Exception", "errorMessage": "Unauthorized"}
+            ),
+            401,
+        ),
+        (
+            FunctionError("AuthorizerFunction", {"errorType": "KeyError", "errorMessage": "boom"}),
+            500,
+        ),
+        ({"isAuthorized": False}, 403),
+    ],
+)
+def test_the_authorizers_answer_becomes_api_gateways_status(routes, answer, status):
+    def invoke(function, event):
+        assert function == "AuthorizerFunction", "the route's function must not run"
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    target = request("POST", "/v1/events", headers=[("Authorization", "Bearer k")])
+    assert handle(target, routes, invoke)[0].status == status
+
+
+def test_the_authorizer_gets_a_request_event_and_its_context_reaches_the_function(routes):
+    seen = {}
+
+    def invoke(function, event):
+        seen[function] = event
+        if function == "AuthorizerFunction":
+            return {"isAuthorized": True, "context": {"kind": "portal", "customer": "cus_1"}}
+        return {"statusCode": 200, "body": "{}"}
+
+    target = request("GET", "/v1/customers/cus_1/usage", headers=[("Authorization", "Bearer t")])
+    assert handle(target, routes, invoke)[0].status == 200
+    asked = seen["AuthorizerFunction"]
+    assert (asked["type"], asked["identitySource"], asked["pathParameters"]) == (
+        "REQUEST",
+        ["Bearer t"],
+        {"stripe_customer_id": "cus_1"},
+    )
+    assert seen["ReadFunction"]["requestContext"]["authorizer"] == {
+        "lambda": {"kind": "portal", "customer": "cus_1"}
+    }
 
 
 # -- runtime ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
+
 from usage_meter.models.input import BatchIn, EventIn
 
 VALID = {"stripe_customer_id": "cus_Q1w2E3r4", "meter": "ai_messages", "quantity": 1}

@@ -1,6 +1,8 @@
 from datetime import UTC, datetime
 
 import pytest
+
+from tests.fakes import FakeBilling, InMemoryStore
 from usage_meter.billing import PermanentBillingError
 from usage_meter.errors import NotFound
 from usage_meter.logic.flush import Flusher
@@ -8,8 +10,6 @@ from usage_meter.logic.quarantine import ReplayRefused, replay
 from usage_meter.logic.record import record_events
 from usage_meter.models.domain import BatchState
 from usage_meter.models.input import EventIn
-
-from tests.fakes import FakeBilling, InMemoryStore
 
 T = int(datetime(2026, 11, 26, 8, tzinfo=UTC).timestamp())
 DAY = 86_400

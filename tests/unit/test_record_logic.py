@@ -1,11 +1,11 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
+from tests.fakes import InMemoryStore
 from usage_meter.errors import IdempotencyConflict, ValidationFailed
 from usage_meter.logic.record import record_events
 from usage_meter.models.input import EventIn
-
-from tests.fakes import InMemoryStore
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 METERS = {"ai_messages", "api_calls"}

@@ -1,8 +1,7 @@
 from datetime import UTC, datetime
 
-from usage_meter.logic.usage import current_usage
-
 from tests.fakes import InMemoryStore
+from usage_meter.logic.usage import current_usage
 
 NOW = datetime(2026, 11, 26, 8, 5, tzinfo=UTC)
 

@@ -4,6 +4,9 @@
     python -m usage_meter.admin --table TABLE quarantine list
     python -m usage_meter.admin --table TABLE quarantine replay BATCH_ID [--restamp]
     python -m usage_meter.admin --table TABLE quarantine replay --all [--restamp]
+    python -m usage_meter.admin --table TABLE keys create --name NAME --scopes record,read
+    python -m usage_meter.admin --table TABLE keys list
+    python -m usage_meter.admin --table TABLE keys revoke KEY_ID
 
 `make admin ARGS="..."` runs it with the project's virtualenv. Output is one JSON object per line.
 """
@@ -16,6 +19,8 @@ import time
 
 from usage_meter.errors import UsageMeterError
 from usage_meter.logic import quarantine
+from usage_meter.logic.auth import create_api_key
+from usage_meter.models.auth import ApiKey, Scope
 from usage_meter.models.domain import Batch
 from usage_meter.store.dynamodb import DynamoStore
 
@@ -51,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="send batches too old for Stripe with the current time",
     )
+    keys = commands.add_parser("keys", help="server keys for your apps")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="a new key; it is shown once, never stored")
+    create.add_argument("--name", required=True, help="who uses it, e.g. 'web app'")
+    create.add_argument("--scopes", required=True, help="comma-separated: record, read, admin")
+    key_actions.add_parser("list", help="every key: id, name, scopes, created, revoked")
+    revoke = key_actions.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("key_id")
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("--table (or TABLE_NAME) is required")
@@ -67,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if args.command == "keys":
+        return _keys(args, store, parser)
     if args.action == "list":
         for batch in store.quarantined_batches():
             print(_show(batch))
@@ -84,6 +99,32 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(json.dumps({"id": batch_id, "error": error.code, "message": error.message}))
     return 1 if failed else 0
+
+
+def _keys(args: argparse.Namespace, store: DynamoStore, parser: argparse.ArgumentParser) -> int:
+    now = int(time.time())
+    if args.action == "create":
+        try:
+            scopes = {Scope(s.strip()) for s in args.scopes.split(",") if s.strip()}
+        except ValueError:
+            parser.error(f"--scopes takes {', '.join(Scope)}")
+        full, key = create_api_key(args.name, scopes, keys=store, now=now)
+        print(json.dumps({"key": full, **_public(key)}))
+        print("Store the key now: it is not shown again.", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        for key in store.list_api_keys():
+            print(json.dumps(_public(key)))
+        return 0
+    if store.revoke_api_key(args.key_id, now):
+        print(json.dumps({"key_id": args.key_id, "revoked_at": now}))
+        return 0
+    print(json.dumps({"key_id": args.key_id, "error": "not_found_or_already_revoked"}))
+    return 1
+
+
+def _public(key: ApiKey) -> dict[str, object]:
+    return key.model_dump(mode="json", exclude={"secret_hash"}) | {"scopes": sorted(key.scopes)}
 
 
 if __name__ == "__main__":

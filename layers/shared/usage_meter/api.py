@@ -2,12 +2,17 @@
 
 import binascii
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler import (
+    APIGatewayHttpResolver,
+    CORSConfig,
+    Response,
+    content_types,
+)
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -21,11 +26,19 @@ from usage_meter.errors import (
     UsageMeterError,
     ValidationFailed,
 )
+from usage_meter.logic.auth import (
+    USAGE_ROUTE,
+    Forbidden,
+    Unauthenticated,
+    authorize,
+    from_context,
+    issue_portal_token,
+)
 from usage_meter.logic.record import record_events
 from usage_meter.logic.usage import current_usage
 from usage_meter.models.domain import RecordResult
-from usage_meter.models.input import BatchIn, CustomerId, EventIn
-from usage_meter.models.output import BatchOut, ErrorBody, ErrorOut, RecordOut
+from usage_meter.models.input import BatchIn, CustomerId, EventIn, PortalTokenIn
+from usage_meter.models.output import BatchOut, ErrorBody, ErrorOut, PortalTokenOut, RecordOut
 from usage_meter.observability import logger, metrics
 from usage_meter.store import EventStore, UsageReader
 
@@ -39,6 +52,8 @@ _STATUS: dict[type[UsageMeterError], HTTPStatus] = {
     PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     ValidationFailed: HTTPStatus.UNPROCESSABLE_ENTITY,
     StoreUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+    Unauthenticated: HTTPStatus.UNAUTHORIZED,
+    Forbidden: HTTPStatus.FORBIDDEN,
 }
 _customer_id = TypeAdapter(CustomerId)
 
@@ -68,8 +83,8 @@ def _error(status: HTTPStatus, error: UsageMeterError) -> Response[str]:
     return _json(status, body)
 
 
-def _resolver() -> APIGatewayHttpResolver:
-    app = APIGatewayHttpResolver()
+def _resolver(cors: CORSConfig | None = None) -> APIGatewayHttpResolver:
+    app = APIGatewayHttpResolver(cors=cors)
 
     @app.exception_handler(UsageMeterError)
     def _domain_error(error: UsageMeterError) -> Response[str]:
@@ -110,6 +125,8 @@ def parse_json_body(body: str | None) -> Any:
         return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except ValueError as error:
         raise InvalidJson(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidJson("the body is not valid JSON: nested too deeply") from None
 
 
 def _json_body(app: APIGatewayHttpResolver) -> Any:
@@ -145,6 +162,7 @@ def record_api(
 
     @app.post("/v1/events")
     def record_one() -> Response[str]:
+        _authorize(app, "POST /v1/events", now)
         data = _json_body(app)
         header_key = app.current_event.headers.get("idempotency-key")
         if (
@@ -169,6 +187,7 @@ def record_api(
 
     @app.post("/v1/events/batch")
     def record_batch() -> Response[str]:
+        _authorize(app, "POST /v1/events/batch", now)
         data = _json_body(app)
         if app.current_event.headers.get("idempotency-key") is not None:
             raise ValidationFailed(
@@ -185,26 +204,72 @@ def record_api(
 
 
 def read_api(
-    *, included: Mapping[str, int], store: UsageReader, now: Clock = utc_now
+    *,
+    included: Mapping[str, int],
+    store: UsageReader,
+    now: Clock = utc_now,
+    token_secret: Callable[[], bytes] | None = None,
+    portal_origins: Sequence[str] = (),
 ) -> APIGatewayHttpResolver:
-    app = _resolver()
+    # Portals read usage from the browser: their origins get CORS answers, preflights included.
+    cors = (
+        CORSConfig(
+            allow_origin=portal_origins[0],
+            extra_origins=list(portal_origins[1:]),
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+        if portal_origins
+        else None
+    )
+    app = _resolver(cors)
 
     @app.get("/v1/customers/<stripe_customer_id>/usage")
     def usage(stripe_customer_id: str) -> Response[str]:
-        try:
-            customer = _customer_id.validate_python(stripe_customer_id)
-        except ValidationError:
-            raise ValidationFailed(
-                "not a Stripe customer id",
-                [
-                    {
-                        "field": "stripe_customer_id",
-                        "message": "must be cus_ followed by letters and digits",
-                    }
-                ],
-            ) from None
+        _authorize(app, USAGE_ROUTE, now, stripe_customer_id)
+        customer = _customer(stripe_customer_id)
         return _json(
             HTTPStatus.OK, current_usage(customer, included=included, store=store, now=now())
         )
 
+    @app.post("/v1/portal-tokens")
+    def portal_token() -> Response[str]:
+        _authorize(app, "POST /v1/portal-tokens", now)
+        request = validate(PortalTokenIn, _json_body(app))
+        if token_secret is None:
+            raise RuntimeError("portal tokens are not configured")
+        token, expires_at = issue_portal_token(
+            request.stripe_customer_id,
+            request.ttl_seconds,
+            secret=token_secret(),
+            now=int(now().timestamp()),
+        )
+        out = PortalTokenOut(token=token, expires_at=datetime.fromtimestamp(expires_at, UTC))
+        return _json(HTTPStatus.CREATED, out)
+
     return app
+
+
+def _customer(stripe_customer_id: str) -> str:
+    try:
+        return _customer_id.validate_python(stripe_customer_id)
+    except ValidationError:
+        raise ValidationFailed(
+            "not a Stripe customer id",
+            [
+                {
+                    "field": "stripe_customer_id",
+                    "message": "must be cus_ followed by letters and digits",
+                }
+            ],
+        ) from None
+
+
+def _authorize(
+    app: APIGatewayHttpResolver, route_key: str, now: Clock, customer: str | None = None
+) -> None:
+    """Checked again behind the authorizer: no request reaches the logic unauthenticated, even
+    if a route were ever deployed without it, and a cached decision cannot outlive a token."""
+    context = app.current_event.raw_event.get("requestContext", {}).get("authorizer", {})
+    principal = from_context(context.get("lambda"), int(now().timestamp()))
+    authorize(principal, route_key, customer)

@@ -30,6 +30,17 @@ class Settings(BaseModel):
     stripe_api_key_secret: str | None = None
     stripe_api_base: str | None = None
     stripe_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 20.0
+    portal_token_secret: SecretStr | None = None
+    portal_token_secret_name: str | None = None
+    portal_origins: tuple[str, ...] = ()
+
+    @field_validator("portal_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+        return value
+
     # Stripe allows 25 meter-event calls/s in test mode and 1,000/s live; stay under both.
     stripe_max_requests_per_second: Annotated[float, Field(gt=0)] | None = None
 
@@ -55,6 +66,9 @@ class Settings(BaseModel):
             "stripe_api_base": env.get("STRIPE_API_BASE") or None,
             "stripe_timeout_seconds": env.get("STRIPE_TIMEOUT_SECONDS") or 20.0,
             "stripe_max_requests_per_second": env.get("STRIPE_MAX_REQUESTS_PER_SECOND") or None,
+            "portal_token_secret": env.get("PORTAL_TOKEN_SECRET") or None,
+            "portal_token_secret_name": env.get("PORTAL_TOKEN_SECRET_NAME") or None,
+            "portal_origins": env.get("PORTAL_ORIGINS") or None,
         }
         try:
             return cls.model_validate({k: v for k, v in raw.items() if v is not None})

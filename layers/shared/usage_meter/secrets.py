@@ -1,4 +1,4 @@
-"""The Stripe key: from the environment locally, from Secrets Manager deployed."""
+"""Secrets: from the environment locally, from Secrets Manager deployed (once per container)."""
 
 from functools import cache
 from typing import Any
@@ -14,6 +14,14 @@ def stripe_api_key(settings: Settings) -> str:
     if settings.stripe_api_key_secret is None:
         raise ConfigError("set STRIPE_API_KEY or STRIPE_API_KEY_SECRET")
     return _secret_string(settings.stripe_api_key_secret)
+
+
+def portal_token_secret(settings: Settings) -> bytes:
+    if settings.portal_token_secret is not None:
+        return settings.portal_token_secret.get_secret_value().encode()
+    if settings.portal_token_secret_name is None:
+        raise ConfigError("set PORTAL_TOKEN_SECRET or PORTAL_TOKEN_SECRET_NAME")
+    return _secret_string(settings.portal_token_secret_name).encode()
 
 
 @cache  # once per container: a rotated key is picked up by the next cold start

@@ -34,6 +34,8 @@ def parse_timestamp(value: int | str) -> datetime:
     offset = "+00:00" if offset in ("Z", "z") else offset
     try:
         return datetime.fromisoformat(f"{date}T{time}{offset}").astimezone(UTC)
+    except OverflowError:
+        raise ValueError("outside the range of dates") from None
     except ValueError as error:
         raise ValueError(f"not a real date or time: {error}") from None
 
@@ -49,7 +51,7 @@ class EventIn(BaseModel):
     timestamp: datetime | None = None
     idempotency_key: IdempotencyKey | None = None
 
-    @field_validator("timestamp", mode="before")
+    @field_validator("timestamp", mode="before", json_schema_input_type=int | datetime | None)
     @classmethod
     def _timestamp(cls, value: object) -> datetime | None:
         if value is None:
@@ -63,3 +65,12 @@ class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH_EVENTS)]
+
+
+class PortalTokenIn(BaseModel):
+    """A request for a portal token: read-only access to one customer's usage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stripe_customer_id: CustomerId
+    ttl_seconds: Annotated[StrictInt, Field(ge=60, le=24 * 3600)] = 3600

@@ -76,3 +76,12 @@ class FlushSummary(BaseModel):
     groups_empty: int = 0
     stopped_early: bool = False
     errors: list[str] = []
+
+
+class PortalTokenOut(BaseModel):
+    token: str
+    expires_at: datetime
+
+    @field_serializer("expires_at")
+    def _expires(self, moment: datetime) -> str:
+        return _rfc3339(moment)

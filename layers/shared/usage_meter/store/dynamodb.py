@@ -4,6 +4,7 @@ Items, all in one table:
   event    pk EVENT#<id>                 sk EVENT
   counter  pk USAGE#<customer>           sk PERIOD#<period start>#METER#<meter>
   batch    pk BATCH#<id>                 sk BATCH
+  api key  pk APIKEY#<key id>            sk APIKEY  (the secret's hash, never the secret)
 The sparse `unreported` index is keyed on backlog_pk/backlog_sk, which only the backlog carries:
 unclaimed events (U#<shard>), open batches (B#open) and quarantined batches (B#quarantined).
 """
@@ -21,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from usage_meter.errors import StoreUnavailable
 from usage_meter.logic.periods import period_key
+from usage_meter.models.auth import ApiKey, Scope
 from usage_meter.models.domain import BacklogEvent, Batch, BatchState, MeterTotals, UsageEvent
 
 INDEX = "unreported"
@@ -399,6 +401,56 @@ class DynamoStore:
             update={"state": BatchState.CLAIMED, "identifier": identifier, "timestamp": timestamp}
         )
 
+    # -- server keys -------------------------------------------------------------------------
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        item = self._db.get_item(
+            TableName=self._table, Key=_api_key_key(key_id), ConsistentRead=True
+        ).get("Item")
+        return _to_api_key(item) if item else None
+
+    def put_api_key(self, key: ApiKey) -> None:
+        self._db.put_item(
+            TableName=self._table,
+            Item={
+                **_api_key_key(key.key_id),
+                "type": _s("api_key"),
+                "key_id": _s(key.key_id),
+                "name": _s(key.name),
+                "scopes": {"SS": sorted(key.scopes)},
+                "secret_hash": _s(key.secret_hash),
+                "created_at": _n(key.created_at),
+            },
+            ConditionExpression="attribute_not_exists(pk)",
+        )
+
+    def list_api_keys(self) -> Sequence[ApiKey]:
+        # Keys are few and listed rarely, by an operator: a filtered scan is the right cost.
+        paginator = self._db.get_paginator("scan")
+        pages = paginator.paginate(
+            TableName=self._table,
+            FilterExpression="#type = :t",
+            ExpressionAttributeNames={"#type": "type"},
+            ExpressionAttributeValues={":t": _s("api_key")},
+        )
+        keys = [_to_api_key(item) for page in pages for item in page["Items"]]
+        return sorted(keys, key=lambda k: (k.created_at, k.key_id))
+
+    def revoke_api_key(self, key_id: str, at: int) -> bool:
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=_api_key_key(key_id),
+                ConditionExpression="attribute_exists(pk) AND attribute_not_exists(revoked_at)",
+                UpdateExpression="SET revoked_at = :at",
+                ExpressionAttributeValues={":at": _n(at)},
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        return True
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _transact(self, writes: list[Item]) -> list[str] | None:
@@ -464,6 +516,22 @@ def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEven
         counters.add(counter)
     if chunk:
         yield chunk
+
+
+def _api_key_key(key_id: str) -> Item:
+    return {"pk": _s(f"APIKEY#{key_id}"), "sk": _s("APIKEY")}
+
+
+def _to_api_key(item: Item) -> ApiKey:
+    revoked = item.get("revoked_at")
+    return ApiKey(
+        key_id=item["key_id"]["S"],
+        name=item["name"]["S"],
+        scopes=frozenset(Scope(s) for s in item["scopes"]["SS"]),
+        secret_hash=item["secret_hash"]["S"],
+        created_at=int(item["created_at"]["N"]),
+        revoked_at=int(revoked["N"]) if revoked else None,
+    )
 
 
 def _to_batch(item: Item) -> Batch:
