@@ -25,12 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from devtools.service import Service
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -103,7 +104,7 @@ if sys.platform == "linux":
             os._exit(1)
 
 
-class DynamoDBLocal:
+class DynamoDBLocal(Service):
     """One DynamoDB Local engine in a child Java process.
 
     port 0 picks a free port once, so a stop()/start() keeps the same endpoint_url. data_dir None
@@ -263,17 +264,6 @@ class DynamoDBLocal:
         if self._process is None:
             raise DynamoDBLocalError("DynamoDB Local is not running")
         return self._process.wait()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         storage = "in memory" if self.data_dir is None else f"data in {self.data_dir}"

@@ -36,9 +36,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from email.message import Message
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
+
+from devtools.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class FakeStripe:
+class FakeStripe(Service):
     """Threaded HTTP server on loopback that behaves like Stripe's meter-event endpoint."""
 
     def __init__(
@@ -200,17 +202,6 @@ class FakeStripe:
         server.close_connections()
         server.server_close()
         thread.join()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

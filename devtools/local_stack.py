@@ -33,7 +33,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from devtools.dynamodb_local import DynamoDBLocal
@@ -55,6 +54,7 @@ from devtools.sam_app import (
     route_table,
     schedules,
 )
+from devtools.service import Service
 from devtools.template import create_usage_table, load_template
 from usage_meter.logic.auth import create_api_key
 from usage_meter.models.auth import Scope
@@ -232,7 +232,7 @@ class _Repeat:
         self._thread.join(timeout=1)
 
 
-class LocalStack:
+class LocalStack(Service):
     """DynamoDB Local, Stripe (stand-in), the functions, the HTTP API and the schedules."""
 
     def __init__(self, options: StackOptions | None = None) -> None:
@@ -273,17 +273,6 @@ class LocalStack:
     def stop(self) -> None:
         """Stop everything this stack started, last started first; safe to call repeatedly."""
         self._running.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _start_backends(self) -> Backends:
         engine = DynamoDBLocal(data_dir=self.options.data_dir)
