@@ -79,3 +79,11 @@ def test_flush_logic_10k_events(benchmark):
         ), {}
 
     benchmark.pedantic(lambda flusher: flusher.run(), setup=setup, rounds=3)
+
+
+def test_parse_a_hostile_body_of_7000_keys(benchmark):
+    """Checking for repeated keys stays linear: a 60 KB object of 7,000 keys."""
+    from usage_meter.api import parse_json_body
+
+    body = "{" + ",".join(f'"{i}":1' for i in range(7000)) + "}"
+    benchmark(parse_json_body, body)

@@ -2,6 +2,7 @@
 
 import binascii
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -19,6 +20,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from usage_meter.errors import (
     IdempotencyConflict,
+    InternalError,
     InvalidJson,
     NotFound,
     PayloadTooLarge,
@@ -97,8 +99,7 @@ def _resolver(cors: CORSConfig | None = None) -> APIGatewayHttpResolver:
     @app.exception_handler(Exception)
     def _internal(error: Exception) -> Response[str]:
         logger.exception("request failed")
-        problem = UsageMeterError("internal error; the request may be retried")
-        problem.code = "internal_error"
+        problem = InternalError("internal error; the request may be retried")
         return _error(HTTPStatus.INTERNAL_SERVER_ERROR, problem)
 
     return app
@@ -109,11 +110,12 @@ def _reject_constant(name: str) -> None:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
+    found = dict(pairs)
+    if len(found) != len(pairs):  # linear: a hostile body may hold thousands of keys
+        counts = Counter(key for key, _ in pairs)
+        repeated = sorted(key for key, count in counts.items() if count > 1)
         raise ValueError(f"duplicate keys: {', '.join(repeated)}")
-    return dict(pairs)
+    return found
 
 
 def parse_json_body(body: str | None) -> Any:

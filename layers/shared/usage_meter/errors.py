@@ -32,6 +32,12 @@ class NotFound(UsageMeterError):
     code = "not_found"
 
 
+class InternalError(UsageMeterError):
+    """What a caller sees of an unexpected fault: nothing of its internals."""
+
+    code = "internal_error"
+
+
 class StoreUnavailable(UsageMeterError):
     """The table refused the write after retries (throttling, contention); safe to retry."""
 
