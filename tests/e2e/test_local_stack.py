@@ -217,9 +217,11 @@ def keys(stack: LocalStack) -> DynamoStore:
     return DynamoStore(stack.backends.table_name, client=client)
 
 
-def call(api: str, method: str, path: str, authorization: str | bytes | None) -> requests.Response:
+def call(
+    api: str, method: str, path: str, authorization: str | bytes | None, body: object = None
+) -> requests.Response:
     headers = {"Authorization": authorization} if authorization is not None else {}
-    return requests.request(method, f"{api}{path}", json={}, headers=headers, timeout=30)
+    return requests.request(method, f"{api}{path}", json=body or {}, headers=headers, timeout=30)
 
 
 @pytest.mark.parametrize("authorization", BAD_CREDENTIALS)
@@ -260,28 +262,11 @@ def test_a_key_without_the_scope_is_forbidden_and_a_revoked_key_is_unknown(api, 
     reader, _ = create_api_key("portal backend", {Scope.READ}, keys=store, now=int(time.time()))
     recorder, recorder_key = create_api_key("app", {Scope.RECORD}, keys=store, now=int(time.time()))
     body = event("cus_AuthA", 1, "scoped")
-    assert (
-        requests.post(
-            f"{api}/v1/events", json=body, headers={"Authorization": f"Bearer {reader}"}, timeout=30
-        ).status_code
-        == 403
-    )
-    assert (
-        requests.post(
-            f"{api}/v1/events",
-            json=body,
-            headers={"Authorization": f"Bearer {recorder}"},
-            timeout=30,
-        ).status_code
-        == 202
-    )
+
+    def record_with(key: str) -> int:
+        return call(api, "POST", "/v1/events", f"Bearer {key}", body).status_code
+
+    assert record_with(reader) == 403
+    assert record_with(recorder) == 202
     store.revoke_api_key(recorder_key.key_id, int(time.time()))
-    assert (
-        requests.post(
-            f"{api}/v1/events",
-            json=body,
-            headers={"Authorization": f"Bearer {recorder}"},
-            timeout=30,
-        ).status_code
-        == 401
-    )
+    assert record_with(recorder) == 401
