@@ -1,5 +1,7 @@
 """Scheduled: report the unreported backlog to Stripe Billing Meters."""
 
+from functools import cache
+
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -21,19 +23,23 @@ class FlushIncomplete(RuntimeError):
     """Raised after logging, so the invocation counts as failed and the alarm sees it."""
 
 
-@logger.inject_lambda_context
-@metrics.log_metrics
-def lambda_handler(event: dict, context: LambdaContext) -> dict:
-    billing = StripeMeterBilling(
+@cache  # once per container, on the first run: warm runs reuse its connections
+def billing() -> StripeMeterBilling:
+    return StripeMeterBilling(
         stripe_api_key(settings),
         api_base=settings.stripe_api_base,
         timeout_seconds=settings.stripe_timeout_seconds,
         max_network_retries=_RETRIES,
         max_requests_per_second=settings.stripe_max_requests_per_second,
     )
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def lambda_handler(event: dict, context: LambdaContext) -> dict:
     flusher = Flusher(
         store,
-        billing,
+        billing(),
         time_left=lambda: context.get_remaining_time_in_millis() / 1000,
         policy=policy,
     )
