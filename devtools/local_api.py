@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from devtools.local_lambda import FunctionError, FunctionTimeout, InvocationError
+from devtools.local_lambda import FunctionTimeout, InvocationError
 from devtools.sam_app import Authorizer, RouteMatch, RouteTable
 
 ACCOUNT_ID = "123456789012"
@@ -166,7 +166,12 @@ Invoker = Callable[[str, dict[str, Any]], Any]  # (function logical id, event) â
 LocalRoute = Callable[[HttpRequest], HttpResponse]
 
 
-def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[HttpResponse, str]:
+def handle(
+    request: HttpRequest,
+    routes: RouteTable,
+    invoke: Invoker,
+    cache: AuthorizerCache | None = None,
+) -> tuple[HttpResponse, str]:
     """Route request to its function; (response, function logical id or '-')."""
     match = routes.match(request.method, urlsplit(request.target).path)
     if match is None:
@@ -174,7 +179,7 @@ def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[H
     function = match.route.function
     event = api_event(request, match)
     if match.route.authorizer is not None:
-        denied = _authorize(event, match.route.authorizer, invoke)
+        denied = _authorize(event, match.route.authorizer, invoke, cache or AuthorizerCache())
         if denied is not None:
             return denied, match.route.authorizer.function
     try:
@@ -190,37 +195,81 @@ def handle(request: HttpRequest, routes: RouteTable, invoke: Invoker) -> tuple[H
         return INTERNAL_ERROR, function  # a malformed answer, as API Gateway treats it
 
 
+class AuthorizerCache:
+    """API Gateway's authorizer cache: one answer per authorizer and identity-source values,
+    kept for the authorizer's ReauthorizeEvery seconds. Whatever else the decision depended on
+    (the path, the route) is not part of the key, so a cached answer is reused for it too.
+    Errors are not cached."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._answers: dict[tuple[str, ...], tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, ...]) -> Any | None:
+        with self._lock:
+            cached = self._answers.get(key)
+            if cached is None or cached[0] <= self._clock():
+                self._answers.pop(key, None)
+                return None
+            return cached[1]
+
+    def expire(self) -> None:
+        """Forget every answer, as if ReauthorizeEvery had passed."""
+        with self._lock:
+            self._answers.clear()
+
+    def put(self, key: tuple[str, ...], answer: Any, ttl_seconds: int) -> None:
+        if ttl_seconds > 0:
+            with self._lock:
+                self._answers[key] = (self._clock() + ttl_seconds, answer)
+
+
+def identity_sources(event: Mapping[str, Any], authorizer: Authorizer) -> list[str] | None:
+    """The values of the authorizer's identity sources, in order; None when one is missing."""
+    headers = event.get("headers") or {}
+    context = event.get("requestContext") or {}
+    values = [headers.get(h.lower()) for h in authorizer.identity_headers]
+    values += [context.get(name) for name in authorizer.identity_context]
+    if not all(isinstance(v, str) and v for v in values):
+        return None
+    return values  # type: ignore[return-value]
+
+
 def authorizer_event(event: Mapping[str, Any], authorizer: Authorizer) -> dict[str, Any]:
     """The payload-2.0 REQUEST authorizer event API Gateway sends for a route's event."""
-    headers = event.get("headers") or {}
     return {
         "version": "2.0",
         "type": "REQUEST",
         "routeArn": f"arn:aws:execute-api:us-east-1:{ACCOUNT_ID}:{API_ID}/$default/"
         + event["routeKey"].replace(" ", ""),
-        "identitySource": [headers[h.lower()] for h in authorizer.identity_headers],
+        "identitySource": identity_sources(event, authorizer) or [],
         **{k: v for k, v in event.items() if k not in ("body", "isBase64Encoded", "version")},
     }
 
 
 def _authorize(
-    event: dict[str, Any], authorizer: Authorizer, invoke: Invoker
+    event: dict[str, Any], authorizer: Authorizer, invoke: Invoker, cache: AuthorizerCache
 ) -> HttpResponse | None:
-    """Run the route's authorizer as API Gateway does: a missing identity header is 401 without
-    calling it; its error "Unauthorized" is 401, isAuthorized false is 403, and its context
-    reaches the function as requestContext.authorizer.lambda. (No result caching locally.)"""
-    headers = event.get("headers") or {}
-    if not all(headers.get(h.lower()) for h in authorizer.identity_headers):
+    """Run the route's authorizer as an HTTP API does: a missing identity source is 401 without
+    calling it; any error it raises is 500 (an HTTP API has no "Unauthorized" convention);
+    isAuthorized false is 403; an answer is cached per identity-source values for
+    ReauthorizeEvery seconds; the context reaches the function as requestContext.authorizer.lambda.
+    """
+    sources = identity_sources(event, authorizer)
+    if sources is None:
         return UNAUTHORIZED
-    try:
-        answer = invoke(authorizer.function, authorizer_event(event, authorizer))
-    except FunctionError as error:
-        return (
-            UNAUTHORIZED if error.payload.get("errorMessage") == "Unauthorized" else INTERNAL_ERROR
-        )
-    except InvocationError:
-        return INTERNAL_ERROR
-    if not isinstance(answer, dict) or not answer.get("isAuthorized"):
+    key = (authorizer.name, *sources)
+    answer = cache.get(key)
+    if answer is None:
+        try:
+            answer = invoke(authorizer.function, authorizer_event(event, authorizer))
+        except InvocationError:
+            return INTERNAL_ERROR
+        if not isinstance(answer, dict) or not isinstance(answer.get("isAuthorized"), bool):
+            return INTERNAL_ERROR  # a malformed answer is a failed authorizer
+        cache.put(key, answer, authorizer.ttl_seconds)
+    if not answer["isAuthorized"]:
         return FORBIDDEN
     event["requestContext"]["authorizer"] = {"lambda": answer.get("context") or {}}
     return None
@@ -248,6 +297,7 @@ class LocalApiServer:
         self.invoke = invoke
         self.local_routes = dict(local_routes or {})
         self.log = log or _print_line
+        self.authorizer_cache = AuthorizerCache()
         self._server = _Server((host, port), self)
         self._thread: threading.Thread | None = None
 
@@ -276,7 +326,7 @@ class LocalApiServer:
         if local is not None:
             response, function = local(request), "local"
         else:
-            response, function = handle(request, self.routes, self.invoke)
+            response, function = handle(request, self.routes, self.invoke, self.authorizer_cache)
         self.log(request_line(request, response, function, (time.perf_counter() - started) * 1e3))
         return response
 

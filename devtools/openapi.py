@@ -49,8 +49,8 @@ Mode = Literal["validation", "serialization"]
 
 
 class GatewayErrorOut(BaseModel):
-    """What API Gateway itself answers when the authorizer refuses a request, before any function
-    runs: `{"message": "Unauthorized"}` (401) or `{"message": "Forbidden"}` (403)."""
+    """What API Gateway itself answers before any function runs: `{"message": "Unauthorized"}`
+    (401) for a request without an Authorization header."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,8 +70,11 @@ BEARER_AUTH: Schema = {
 
 ERROR_WHEN: dict[int, str] = {
     400: "`invalid_json`: the body is not JSON (NaN, Infinity and repeated keys count as not JSON)",
-    401: "missing, malformed, unknown, revoked or expired credentials",
-    403: "a valid credential without the scope, or a portal token for another customer",
+    401: (
+        'no Authorization header (API Gateway\'s `{"message": "Unauthorized"}`), or a '
+        "malformed, unknown, revoked or expired credential (`unauthorized`, the message says why)"
+    ),
+    403: "`forbidden`: a valid credential without the scope, or a portal token for another customer",
     409: "`idempotency_conflict`: an idempotency key was reused with a different body",
     413: f"`payload_too_large`: the body is over {MAX_BODY_BYTES // 1024} KiB",
     422: (
@@ -80,8 +83,8 @@ ERROR_WHEN: dict[int, str] = {
     ),
     503: "`temporarily_unavailable`: the table stayed busy after retries; safe to retry",
 }
-# The gateway answers these two itself when the authorizer refuses, in its own shape.
-GATEWAY_STATUSES = frozenset({401, 403})
+# The gateway answers this itself, in its own shape, when the Authorization header is missing.
+GATEWAY_STATUSES = frozenset({401})
 
 
 class _Components:

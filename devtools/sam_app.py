@@ -57,6 +57,8 @@ class Authorizer:
     name: str
     function: str
     identity_headers: tuple[str, ...]  # all must be present, or API Gateway answers 401
+    identity_context: tuple[str, ...] = ()  # $context variables, e.g. routeKey
+    ttl_seconds: int = 0  # ReauthorizeEvery: how long a decision is cached; 0: never
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,14 @@ def _api_auth(template: Mapping[str, Any]) -> tuple[str | None, dict[str, Author
             function = arn.get("Fn::GetAtt", [None])[0] if isinstance(arn, dict) else None
             if function is None:
                 continue  # an authorizer outside the template cannot run locally
-            headers = tuple((config.get("Identity") or {}).get("Headers") or ())
-            authorizers[name] = Authorizer(name, function, headers)
+            identity = config.get("Identity") or {}
+            authorizers[name] = Authorizer(
+                name,
+                function,
+                identity_headers=tuple(identity.get("Headers") or ()),
+                identity_context=tuple(identity.get("Context") or ()),
+                ttl_seconds=int(identity.get("ReauthorizeEvery", 0)),
+            )
         return auth.get("DefaultAuthorizer"), authorizers
     return None, {}
 

@@ -1,5 +1,7 @@
 """Server keys and portal tokens: who is let in, to what."""
 
+import json
+
 import pytest
 
 from usage_meter.logic.auth import (
@@ -7,11 +9,14 @@ from usage_meter.logic.auth import (
     USAGE_ROUTE,
     Forbidden,
     Unauthenticated,
+    _b64,
+    _sign,
+    anonymous_context,
     authorize,
     bearer,
     create_api_key,
-    decide,
     from_context,
+    identify,
     issue_portal_token,
     to_context,
     verify_portal_token,
@@ -41,7 +46,10 @@ class Keys:
 
 
 def decide_for(authorization, route=USAGE_ROUTE, customer="cus_A", keys=None):
-    return decide(authorization, route, customer, keys=keys or Keys(), token_secret=SECRET, now=NOW)
+    """What a request meets: the authorizer identifies the caller, the function authorizes it."""
+    principal = identify(authorization, keys=keys or Keys(), token_secret=SECRET, now=NOW)
+    authorize(principal, route, customer)
+    return principal
 
 
 def test_a_new_key_is_shown_once_and_stored_only_as_a_hash():
@@ -161,3 +169,31 @@ def test_an_unknown_route_is_forbidden_even_for_admin():
 
 def test_bearer_takes_the_credential_after_the_scheme():
     assert bearer("Bearer  umk_abc ") == "umk_abc"
+
+
+def test_an_anonymous_context_is_unauthenticated_with_the_authorizers_reason():
+    # Given the context the authorizer passes on for a refused credential
+    context = anonymous_context("portal token expired")
+    # When the function reads it / Then it refuses the caller, saying why
+    with pytest.raises(Unauthenticated, match=r"^portal token expired$"):
+        from_context(dict(context), NOW)
+
+
+def test_the_identity_does_not_depend_on_the_route_or_customer():
+    # Given a portal token: API Gateway caches the authorizer's answer per Authorization header
+    token, _ = issue_portal_token("cus_A", 600, secret=SECRET, now=NOW)
+    principal = identify(f"Bearer {token}", keys=Keys(), token_secret=SECRET, now=NOW)
+    # When the same answer meets a request for another customer, then its own
+    with pytest.raises(Forbidden):
+        authorize(principal, USAGE_ROUTE, "cus_B")
+    # Then the refusal did not stick to the token: its own customer is still allowed
+    authorize(principal, USAGE_ROUTE, "cus_A")
+
+
+def test_a_token_claiming_a_longer_life_than_any_issued_is_refused():
+    # Given a correctly signed token whose expiry lies beyond the 24-hour maximum
+    payload = _b64(json.dumps({"sub": "cus_A", "exp": NOW + MAX_TOKEN_TTL + 3600}).encode())
+    token = f"upt_{payload}.{_sign(payload, SECRET)}"
+    # When / Then it is refused, so a leaked secret cannot mint everlasting tokens
+    with pytest.raises(Unauthenticated, match="longer"):
+        verify_portal_token(token, SECRET, NOW)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.local_api import HttpRequest, api_event, handle, http_response
+from devtools.local_api import AuthorizerCache, HttpRequest, api_event, handle, http_response
 from devtools.local_lambda import (
     FunctionError,
     FunctionTimeout,
@@ -358,17 +358,21 @@ def test_a_request_without_the_identity_header_is_401_without_running_the_author
 @pytest.mark.parametrize(
     ("answer", "status"),
     [
+        # An HTTP API knows no "Unauthorized" convention: any raised error is a failed
+        # authorizer, 500 (REST APIs answer 401 for that message; HTTP APIs do not).
         (
             FunctionError(
                 "AuthorizerFunction", {"errorType": "Exception", "errorMessage": "Unauthorized"}
             ),
-            401,
+            500,
         ),
         (
             FunctionError("AuthorizerFunction", {"errorType": "KeyError", "errorMessage": "boom"}),
             500,
         ),
         ({"isAuthorized": False}, 403),
+        ({"isAuthorized": "yes"}, 500),
+        ({"context": {}}, 500),
     ],
 )
 def test_the_authorizers_answer_becomes_api_gateways_status(routes, answer, status):
@@ -502,3 +506,100 @@ def test_the_state_file_round_trips_the_stand_in_and_parameter_overrides():
     state = StackState(7, None, backends, {"Meters": '{"m": {}}'})
 
     assert StackState.from_json(json.loads(json.dumps(state.to_json())), None) == state
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_authorizer(answer):
+    """An invoker whose authorizer gives `answer` and counts its runs; functions answer 200."""
+    runs = []
+
+    def invoke(function, event):
+        if function == "AuthorizerFunction":
+            runs.append(event["identitySource"])
+            return answer(event)
+        return {"statusCode": 200, "body": "{}"}
+
+    return invoke, runs
+
+
+def test_an_authorizer_answer_is_cached_per_credential_for_reauthorize_every(routes):
+    # Given the template's authorizer (cached 300 s per Authorization header) and a clock
+    [authorizer] = {r.authorizer for r in routes.routes if r.authorizer}
+    assert authorizer.ttl_seconds == 300 and authorizer.identity_headers == ("Authorization",)
+    clock = Clock()
+    cache = AuthorizerCache(clock)
+    invoke, runs = counting_authorizer(lambda event: {"isAuthorized": True, "context": {}})
+    usage_a = request("GET", "/v1/customers/cus_A/usage", headers=[("Authorization", "Bearer t")])
+    usage_b = request("GET", "/v1/customers/cus_B/usage", headers=[("Authorization", "Bearer t")])
+    record = request("POST", "/v1/events", headers=[("Authorization", "Bearer t")])
+    other = request("POST", "/v1/events", headers=[("Authorization", "Bearer u")])
+    # When one credential calls three routes and customers, and another calls once
+    for target in (usage_a, usage_b, record, other):
+        assert handle(target, routes, invoke, cache)[0].status == 200
+    # Then the authorizer ran once per credential: the route and path are not in the key
+    assert runs == [["Bearer t"], ["Bearer u"]]
+    # And after the TTL it runs again
+    clock.now += 300
+    handle(record, routes, invoke, cache)
+    assert runs[-1] == ["Bearer t"] and len(runs) == 3
+
+
+def test_a_cached_deny_answers_every_route_until_it_expires(routes):
+    # Given an authorizer that denies once, then would allow
+    answers = iter([{"isAuthorized": False}, {"isAuthorized": True, "context": {}}])
+    clock = Clock()
+    cache = AuthorizerCache(clock)
+    invoke, runs = counting_authorizer(lambda event: next(answers))
+    target = request("POST", "/v1/events", headers=[("Authorization", "Bearer t")])
+    # When the same credential calls again within the TTL / Then the deny sticks, as on AWS
+    assert handle(target, routes, invoke, cache)[0].status == 403
+    assert handle(target, routes, invoke, cache)[0].status == 403
+    assert len(runs) == 1
+    clock.now += 301
+    assert handle(target, routes, invoke, cache)[0].status == 200
+
+
+def test_an_authorizer_error_is_not_cached(routes):
+    # Given an authorizer that fails once (the table was unreachable), then answers
+    calls = []
+
+    def invoke(function, event):
+        if function != "AuthorizerFunction":
+            return {"statusCode": 200, "body": "{}"}
+        calls.append(1)
+        if len(calls) == 1:
+            raise FunctionError(function, {"errorType": "ClientError", "errorMessage": "x"})
+        return {"isAuthorized": True, "context": {}}
+
+    cache = AuthorizerCache(Clock())
+    target = request("POST", "/v1/events", headers=[("Authorization", "Bearer t")])
+    # When / Then the failure is a 500 and the next request asks the authorizer again
+    assert handle(target, routes, invoke, cache)[0].status == 500
+    assert handle(target, routes, invoke, cache)[0].status == 200
+    assert len(calls) == 2
+
+
+def test_context_identity_sources_are_part_of_the_cache_key():
+    # Given an authorizer keyed by header and routeKey (as the template once was)
+    from devtools.sam_app import Authorizer
+
+    authorizer = Authorizer("A", "AuthorizerFunction", ("Authorization",), ("routeKey",), 300)
+    table = RouteTable(
+        (
+            Route("POST", "/v1/events", "RecordFunction", authorizer),
+            Route("POST", "/v1/events/batch", "RecordFunction", authorizer),
+        )
+    )
+    invoke, runs = counting_authorizer(lambda event: {"isAuthorized": True, "context": {}})
+    cache = AuthorizerCache(Clock())
+    for path in ("/v1/events", "/v1/events/batch", "/v1/events"):
+        handle(request("POST", path, headers=[("Authorization", "Bearer t")]), table, invoke, cache)
+    # Then each route had its own decision
+    assert runs == [["Bearer t", "POST /v1/events"], ["Bearer t", "POST /v1/events/batch"]]

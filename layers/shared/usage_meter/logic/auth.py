@@ -15,7 +15,9 @@ from usage_meter.errors import UsageMeterError
 from usage_meter.models.auth import ApiKey, Principal, Scope
 
 KEY_PREFIX, TOKEN_PREFIX = "umk_", "upt_"
+ANONYMOUS = "anonymous"  # the authorizer's context kind for a credential it refused
 MAX_TOKEN_TTL = 24 * 3600
+_CLOCK_SKEW = 300  # containers' clocks differ by far less; a longer life was never issued
 USAGE_ROUTE = "GET /v1/customers/{stripe_customer_id}/usage"
 ROUTE_SCOPES = {
     "POST /v1/events": Scope.RECORD,
@@ -144,6 +146,8 @@ def verify_portal_token(token: str, secret: bytes, now: int) -> Principal:
         raise Unauthenticated("malformed portal token") from None
     if expires_at <= now:
         raise Unauthenticated("portal token expired")
+    if expires_at > now + MAX_TOKEN_TTL + _CLOCK_SKEW:
+        raise Unauthenticated("portal token lives longer than tokens are issued for")
     return Principal(
         kind="portal",
         id=customer,
@@ -153,19 +157,19 @@ def verify_portal_token(token: str, secret: bytes, now: int) -> Principal:
     )
 
 
-def decide(
-    authorization: str | None,
-    route_key: str,
-    customer: str | None,
-    *,
-    keys: KeyStore,
-    token_secret: bytes,
-    now: int,
+def identify(
+    authorization: str | None, *, keys: KeyStore, token_secret: bytes, now: int
 ) -> Principal:
-    """The authorizer's whole decision: who is calling, and may they use this route."""
-    principal = authenticate(bearer(authorization), keys=keys, token_secret=token_secret, now=now)
-    authorize(principal, route_key, customer)
-    return principal
+    """The authorizer's whole decision: who is calling. It depends on the credential alone, so
+    API Gateway may cache it per Authorization header; what the caller may do on a route, and
+    for which customer, the function decides (`authorize`)."""
+    return authenticate(bearer(authorization), keys=keys, token_secret=token_secret, now=now)
+
+
+def anonymous_context(reason: str) -> dict[str, str | int]:
+    """What the authorizer passes on for a credential it could not authenticate: the function
+    answers 401 with this reason in the API's own error format."""
+    return {"kind": ANONYMOUS, "reason": reason}
 
 
 def to_context(principal: Principal) -> dict[str, str | int]:
@@ -187,6 +191,8 @@ def from_context(context: dict[str, object] | None, now: int) -> Principal:
     authorization must not outlive the token it was made for."""
     if not context or "kind" not in context:
         raise Unauthenticated("no authenticated caller")
+    if context["kind"] == ANONYMOUS:
+        raise Unauthenticated(str(context.get("reason") or "no authenticated caller"))
     try:
         expires_at = int(str(context["expires_at"])) if "expires_at" in context else None
         principal = Principal(
