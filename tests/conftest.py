@@ -11,6 +11,7 @@ Both table fixtures yield a devtools.template.TableHandle(name, endpoint_url, cl
 from __future__ import annotations
 
 import contextlib
+import os
 import functools
 import uuid
 from collections.abc import Iterator
@@ -89,3 +90,32 @@ def sam_host_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sam-host-build")
     sam_build(root / "build", cache_dir=root / "cache")
     return root / "build"
+
+
+@pytest.fixture(scope="session")
+def secrets_manager_url() -> Iterator[str]:
+    """A Secrets Manager on loopback (moto's server): the functions reach it over HTTP through
+    AWS_ENDPOINT_URL_SECRETS_MANAGER, as they reach AWS's when deployed."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def secrets_manager(secrets_manager_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A client for that Secrets Manager; the code under test finds it through the environment."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", secrets_manager_url)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", os.environ.get("AWS_ACCESS_KEY_ID") or "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY") or "local")
+    yield boto3.client(
+        "secretsmanager",
+        endpoint_url=secrets_manager_url,
+        region_name=REGION,
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
