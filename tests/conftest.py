@@ -11,8 +11,8 @@ Both table fixtures yield a devtools.template.TableHandle(name, endpoint_url, cl
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
