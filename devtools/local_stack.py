@@ -35,8 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+import boto3
+
 from devtools.dynamodb_local import DynamoDBLocal
 from devtools.fake_stripe import FakeStripe
+from devtools.iam import IamGate, table_keys, template_roles
 from devtools.local_api import HttpRequest, HttpResponse, LocalApiServer, json_response
 from devtools.local_lambda import (
     FunctionError,
@@ -66,12 +69,19 @@ LOCAL_DIR = REPO_ROOT / ".local"
 DEFAULT_DATA_DIR = LOCAL_DIR / "dynamodb"
 STATE_FILE = LOCAL_DIR / "stack.json"
 TABLE_LOGICAL_ID = "UsageTable"
+PORTAL_SECRET_LOGICAL_ID = "PortalTokenSecret"
+STRIPE_SECRET_PARAMETER = "StripeSecretName"
 STAND_IN_KEY = "sk_test_local_stand_in"
 FLUSH_ROUTE = "/_local/flush"
 
 
 class StackError(RuntimeError):
     """The local stack cannot start as asked."""
+
+
+def local_arn(service: str, resource: str) -> str:
+    region, account = PSEUDO_PARAMETERS["AWS::Region"], PSEUDO_PARAMETERS["AWS::AccountId"]
+    return f"arn:aws:{service}:{region}:{account}:{resource}"
 
 
 def _say(line: str) -> None:
@@ -112,28 +122,42 @@ LOCAL_PORTAL_TOKEN_SECRET = "local-only-portal-token-secret"
 
 @dataclass(frozen=True)
 class Backends:
-    """Where the functions' DynamoDB and Stripe calls go."""
+    """Where the functions' DynamoDB, Secrets Manager and Stripe calls go."""
 
-    dynamodb_url: str
+    dynamodb_url: str  # the IAM gate in front of DynamoDB Local
     table_name: str
     stripe_api_key: str
     stripe_api_base: str | None  # None: Stripe itself (test mode)
     # Signs portal tokens locally, in place of the deployed Secrets Manager secret.
     portal_token_secret: str = LOCAL_PORTAL_TOKEN_SECRET
+    # With a local Secrets Manager (behind its own IAM gate), the functions read both secrets
+    # from it as they do deployed: the portal token secret's ARN, the Stripe key by name.
+    secrets_manager_url: str | None = None
+    portal_token_secret_arn: str | None = None
 
     def environment(self) -> dict[str, str]:
         env = {
             "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb_url,
-            # DynamoDB Local takes any credentials; these keep boto3 from looking for real ones.
-            "AWS_ACCESS_KEY_ID": "local",
-            "AWS_SECRET_ACCESS_KEY": "local",
-            "STRIPE_API_KEY": self.stripe_api_key,
-            "PORTAL_TOKEN_SECRET": self.portal_token_secret,
-            "PORTAL_TOKEN_SECRET_NAME": "",  # the template's names a deployed secret
+            # Any other AWS service reaches the gate too, which refuses it: no function may call
+            # a service its role does not name, and none may reach real AWS from here.
+            "AWS_ENDPOINT_URL": self.dynamodb_url,
         }
+        if self.secrets_manager_url is not None:
+            env["AWS_ENDPOINT_URL_SECRETS_MANAGER"] = self.secrets_manager_url
+            env["PORTAL_TOKEN_SECRET_NAME"] = self.portal_token_secret_arn or ""
+        else:
+            env["STRIPE_API_KEY"] = self.stripe_api_key
+            env["PORTAL_TOKEN_SECRET"] = self.portal_token_secret
+            env["PORTAL_TOKEN_SECRET_NAME"] = ""  # the template's names a deployed secret
         if self.stripe_api_base is not None:
             env["STRIPE_API_BASE"] = self.stripe_api_base
         return env
+
+
+def function_credentials(logical_id: str) -> dict[str, str]:
+    """Each function signs with its own logical id as access key: the IAM gate knows by it
+    whose role to enforce, as AWS knows a function by its role's session."""
+    return {"AWS_ACCESS_KEY_ID": logical_id, "AWS_SECRET_ACCESS_KEY": "local"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +174,9 @@ class StackOptions:
     functions: Collection[str] | None = None  # None: every function of the template
     attach: Backends | None = None  # use running backends instead of starting them
     environment: Mapping[str, str] = field(default_factory=dict)  # extra, for every function
+    # A Secrets Manager to keep both secrets in, as deployed (e.g. moto's server); None: the
+    # secrets are plain environment variables.
+    secrets_manager_url: str | None = None
     state_file: Path | None = None  # record the endpoints here while running
     log: Callable[[str], None] = _say
     function_log: LogSink | None = None  # None: readable lines on stderr
@@ -249,6 +276,7 @@ class LocalStack(Service):
         self.api: LocalApiServer | None = None
         self.table_created = False
         self.server_key: str | None = None  # an admin key made for this run, when it owns the data
+        self.iam_gates: list[IamGate] = []  # enforcing each function's role, when it owns them
         self._running = ExitStack()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -286,12 +314,63 @@ class LocalStack(Service):
             self._running.callback(self.stripe.stop)
             self.stripe.start()
             key, base = STAND_IN_KEY, self.stripe.url
-        return Backends(engine.endpoint_url, self.options.table_name, key, base)
+        secrets = self._store_secrets(key) if self.options.secrets_manager_url else {}
+        table_arn = local_arn("dynamodb", f"table/{self.options.table_name}")
+        roles = template_roles(
+            self.template, self.parameters, {TABLE_LOGICAL_ID: table_arn, **secrets}
+        )
+        tables = {self.options.table_name: table_keys(self.template, TABLE_LOGICAL_ID, table_arn)}
+        dynamodb = self._gate(IamGate(engine.endpoint_url, roles, tables=tables))
+        secrets_url = None
+        if self.options.secrets_manager_url:
+            stripe_name = self.parameters[STRIPE_SECRET_PARAMETER]
+            gate = IamGate(
+                self.options.secrets_manager_url,
+                roles,
+                secret_arns={stripe_name: secrets[STRIPE_SECRET_PARAMETER]},
+            )
+            secrets_url = self._gate(gate).url
+        return Backends(
+            dynamodb.url,
+            self.options.table_name,
+            key,
+            base,
+            secrets_manager_url=secrets_url,
+            portal_token_secret_arn=secrets.get(PORTAL_SECRET_LOGICAL_ID),
+        )
+
+    def _gate(self, gate: IamGate) -> IamGate:
+        self._running.callback(gate.stop)
+        self.iam_gates.append(gate.start())
+        return gate
+
+    def _store_secrets(self, stripe_api_key: str) -> dict[str, str]:
+        """Both secrets in the local Secrets Manager; their ARNs by the template's names."""
+        client = boto3.client(
+            "secretsmanager",
+            endpoint_url=self.options.secrets_manager_url,
+            region_name=PSEUDO_PARAMETERS["AWS::Region"],
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
+
+        def put(name: str, value: str) -> str:
+            try:
+                return str(client.create_secret(Name=name, SecretString=value)["ARN"])
+            except client.exceptions.ResourceExistsException:
+                return str(client.put_secret_value(SecretId=name, SecretString=value)["ARN"])
+
+        stack = self.options.table_name
+        return {
+            PORTAL_SECRET_LOGICAL_ID: put(f"{stack}/portal-token", LOCAL_PORTAL_TOKEN_SECRET),
+            STRIPE_SECRET_PARAMETER: put(self.parameters[STRIPE_SECRET_PARAMETER], stripe_api_key),
+        }
 
     def _start_functions(self, backends: Backends) -> None:
-        specs = function_specs(
-            self.template, self.parameters, {TABLE_LOGICAL_ID: backends.table_name}
-        )
+        local_names = {TABLE_LOGICAL_ID: backends.table_name}
+        if backends.portal_token_secret_arn is not None:
+            local_names[PORTAL_SECRET_LOGICAL_ID] = backends.portal_token_secret_arn
+        specs = function_specs(self.template, self.parameters, local_names)
         wanted = self.options.functions
         unknown = sorted(set(wanted or ()) - set(specs))
         if unknown:
@@ -303,7 +382,7 @@ class LocalStack(Service):
             pool = FunctionPool(
                 spec,
                 build_dir=self.options.build_dir,
-                environment=environment,
+                environment={**environment, **function_credentials(logical_id)},
                 size=self.options.concurrency,
                 log=self.options.function_log,
             )

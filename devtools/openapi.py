@@ -74,7 +74,9 @@ ERROR_WHEN: dict[int, str] = {
         'no Authorization header (API Gateway\'s `{"message": "Unauthorized"}`), or a '
         "malformed, unknown, revoked or expired credential (`unauthorized`, the message says why)"
     ),
-    403: "`forbidden`: a valid credential without the scope, or a portal token for another customer",
+    403: (
+        "`forbidden`: a valid credential without the scope, or a portal token for another customer"
+    ),
     409: "`idempotency_conflict`: an idempotency key was reused with a different body",
     413: f"`payload_too_large`: the body is over {MAX_BODY_BYTES // 1024} KiB",
     422: (

@@ -148,7 +148,6 @@ def test_no_statement_grants_a_wildcard_resource(transformed):
 def test_the_read_function_cannot_write(transformed):
     assert {a for a in actions(transformed, "ReadFunction") if a.startswith("dynamodb:")} == {
         "dynamodb:Query",
-        "dynamodb:GetItem",
     }
 
 
