@@ -103,6 +103,7 @@ def banner(stack: LocalStack, in_memory: bool) -> list[str]:
     created = " (new)" if stack.table_created else ""
     table = f"table {stack.backends.table_name}{created}, {storage}"
     lines.append(_row("DynamoDB Local", f"{stack.backends.dynamodb_url}  {table}"))
+    lines.append(_row("", "  behind an IAM gate: each function may call what its role allows"))
     if stack.stripe is not None:
         lines.append(_row("Stripe", f"{stack.stripe.url}  (loopback stand-in)"))
         lines.append(_row("", f"  received meter events: {stack.stripe.url}/_fake/meter_events"))

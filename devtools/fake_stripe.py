@@ -170,6 +170,7 @@ class FakeStripe(Service):
         self._events: dict[str, MeterEvent] = {}  # insertion order = acceptance order
         self._faults: deque[_Fault] = deque()
         self._rejected_customers: dict[str, str] = {}
+        self._expired_api_keys: set[str] = set()
         self._idempotent: dict[str, _StoredResponse] = {}
         self._idempotency_in_flight: set[str] = set()
         self._in_flight: dict[tuple[str, str], int] = {}
@@ -262,6 +263,11 @@ class FakeStripe(Service):
         with self._lock:
             self._rejected_customers.pop(customer, None)
 
+    def expire_api_key(self, api_key: str) -> None:
+        """Refuse `api_key` from now on (401), as Stripe does a rolled key once it expires."""
+        with self._lock:
+            self._expired_api_keys.add(api_key)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -271,6 +277,7 @@ class FakeStripe(Service):
             self._events.clear()
             self._faults.clear()
             self._rejected_customers.clear()
+            self._expired_api_keys.clear()
             self._idempotent.clear()
             self._calls = 0
             self._max_concurrent_per_pair = 0
@@ -314,6 +321,13 @@ class FakeStripe(Service):
         if not authorization.startswith("Bearer ") or not _API_KEY.fullmatch(api_key):
             log.info("meter_event 401 invalid API key %s", _mask_key(api_key))
             return _error(401, f"Invalid API Key provided: {_mask_key(api_key)}")
+        with self._lock:
+            expired = api_key in self._expired_api_keys
+        if expired:
+            log.info("meter_event 401 expired API key %s", _mask_key(api_key))
+            return _error(
+                401, f"Expired API Key provided: {_mask_key(api_key)}", code="api_key_expired"
+            )
 
         pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         params = dict(pairs)

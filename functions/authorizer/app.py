@@ -6,7 +6,8 @@ anonymous caller, and the function answers 401 in the API's error format: an HTT
 other way to a 401 (isAuthorized false is 403, a raised error is 500). Scopes and the customer
 a portal token may read are checked by the function, per request, never from a cached answer.
 It raises only when it cannot decide (the table or the secret is unreachable): API Gateway
-answers 500, caches nothing, and the error alarm sees it.
+answers 500, caches nothing, and the error alarm sees it. Before it refuses a portal token, it
+fetches the token secret again (at most every 30 s): the secret may have just been rotated.
 """
 
 import time
@@ -14,26 +15,50 @@ import time
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from usage_meter.config import Settings
-from usage_meter.logic.auth import Unauthenticated, anonymous_context, identify, to_context
+from usage_meter.logic.auth import (
+    TOKEN_PREFIX,
+    Unauthenticated,
+    anonymous_context,
+    identify,
+    to_context,
+)
+from usage_meter.models.auth import Principal
 from usage_meter.observability import logger
-from usage_meter.secrets import portal_token_secret
+from usage_meter.secrets import Secrets
 from usage_meter.store.dynamodb import DynamoStore
 
 settings = Settings.from_env()
 keys = DynamoStore(settings.table_name)
+secrets = Secrets(settings)
 
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     try:
-        principal = identify(
-            (event.get("headers") or {}).get("authorization"),
-            keys=keys,
-            token_secret=portal_token_secret(settings),
-            now=int(time.time()),
-        )
+        principal = _identify((event.get("headers") or {}).get("authorization"), int(time.time()))
     except Unauthenticated as error:
         logger.info("unauthenticated", extra={"reason": error.message})
         return {"isAuthorized": True, "context": anonymous_context(error.message)}
     logger.info("authenticated", extra={"kind": principal.kind, "id": principal.id})
     return {"isAuthorized": True, "context": to_context(principal)}
+
+
+def _identify(authorization: str | None, now: int) -> Principal:
+    try:
+        return identify(
+            authorization, keys=keys, token_secrets=secrets.portal_token_secrets(), now=now
+        )
+    except Unauthenticated:
+        if not _portal_token(authorization):
+            raise
+        # The token may be signed with a secret rotated after this container fetched it, and
+        # API Gateway would cache a refusal for minutes: fetch again (rate-limited), retry once.
+        refreshed = secrets.refreshed_portal_token_secrets()
+        if refreshed is None:
+            raise
+        return identify(authorization, keys=keys, token_secrets=refreshed, now=now)
+
+
+def _portal_token(authorization: str | None) -> bool:
+    _, _, credential = (authorization or "").strip().partition(" ")
+    return credential.strip().startswith(TOKEN_PREFIX)

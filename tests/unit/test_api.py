@@ -251,7 +251,7 @@ def test_a_portal_token_is_issued_for_a_customer_and_opens_its_usage(store):
     response = app.resolve(http_event("POST", "/v1/portal-tokens", body), Context())
     assert response["statusCode"] == 201
     out = response_json(response)
-    principal = verify_portal_token(out["token"], b"s", int(NOW.timestamp()))
+    principal = verify_portal_token(out["token"], [b"s"], int(NOW.timestamp()))
     assert principal.customer == "cus_Q1w2E3r4" and out["expires_at"] == "2026-11-26T08:10:00Z"
 
 

@@ -47,7 +47,7 @@ class Keys:
 
 def decide_for(authorization, route=USAGE_ROUTE, customer="cus_A", keys=None):
     """What a request meets: the authorizer identifies the caller, the function authorizes it."""
-    principal = identify(authorization, keys=keys or Keys(), token_secret=SECRET, now=NOW)
+    principal = identify(authorization, keys=keys or Keys(), token_secrets=[SECRET], now=NOW)
     authorize(principal, route, customer)
     return principal
 
@@ -127,13 +127,13 @@ def test_a_portal_token_reads_only_its_customers_usage():
 def test_an_expired_or_tampered_token_is_unauthenticated():
     token, expires = issue_portal_token("cus_A", 60, secret=SECRET, now=NOW)
     with pytest.raises(Unauthenticated):
-        verify_portal_token(token, SECRET, expires)
+        verify_portal_token(token, [SECRET], expires)
     with pytest.raises(Unauthenticated):
-        verify_portal_token(token, b"another secret", NOW)
+        verify_portal_token(token, [b"another secret"], NOW)
     forged, _ = issue_portal_token("cus_B", 60, secret=SECRET, now=NOW)
     payload_b = forged.split(".")[0]
     with pytest.raises(Unauthenticated):
-        verify_portal_token(f"{payload_b}.{token.split('.')[1]}", SECRET, NOW)
+        verify_portal_token(f"{payload_b}.{token.split('.')[1]}", [SECRET], NOW)
 
 
 @pytest.mark.parametrize("ttl", [0, -1, MAX_TOKEN_TTL + 1])
@@ -144,7 +144,7 @@ def test_a_token_lives_at_most_24_hours(ttl):
 
 def test_the_context_round_trips_and_expiry_is_checked_again_behind_the_cache():
     token, expires = issue_portal_token("cus_A", 600, secret=SECRET, now=NOW)
-    principal = verify_portal_token(token, SECRET, NOW)
+    principal = verify_portal_token(token, [SECRET], NOW)
     context = to_context(principal)
     assert from_context(dict(context), NOW) == principal
     with pytest.raises(Unauthenticated):
@@ -182,7 +182,7 @@ def test_an_anonymous_context_is_unauthenticated_with_the_authorizers_reason():
 def test_the_identity_does_not_depend_on_the_route_or_customer():
     # Given a portal token: API Gateway caches the authorizer's answer per Authorization header
     token, _ = issue_portal_token("cus_A", 600, secret=SECRET, now=NOW)
-    principal = identify(f"Bearer {token}", keys=Keys(), token_secret=SECRET, now=NOW)
+    principal = identify(f"Bearer {token}", keys=Keys(), token_secrets=[SECRET], now=NOW)
     # When the same answer meets a request for another customer, then its own
     with pytest.raises(Forbidden):
         authorize(principal, USAGE_ROUTE, "cus_B")
@@ -196,4 +196,16 @@ def test_a_token_claiming_a_longer_life_than_any_issued_is_refused():
     token = f"upt_{payload}.{_sign(payload, SECRET)}"
     # When / Then it is refused, so a leaked secret cannot mint everlasting tokens
     with pytest.raises(Unauthenticated, match="longer"):
-        verify_portal_token(token, SECRET, NOW)
+        verify_portal_token(token, [SECRET], NOW)
+
+
+def test_a_token_signed_with_any_of_the_given_secrets_is_verified():
+    # Given a token signed with the secret a rotation just replaced
+    previous, current = b"previous secret", b"current secret"
+    token, _ = issue_portal_token("cus_A", 600, secret=previous, now=NOW)
+    # When it is verified against the current secret and the previous one
+    principal = verify_portal_token(token, [current, previous], NOW)
+    # Then it is accepted; against the current secret alone it is not
+    assert principal.customer == "cus_A"
+    with pytest.raises(Unauthenticated, match="signature"):
+        verify_portal_token(token, [current], NOW)

@@ -33,6 +33,8 @@ class Settings(BaseModel):
     portal_token_secret: SecretStr | None = None
     portal_token_secret_name: str | None = None
     portal_origins: tuple[str, ...] = ()
+    # How long a warm container trusts a secret it fetched from Secrets Manager (rotation).
+    secrets_max_age_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
 
     @field_validator("portal_origins", mode="before")
     @classmethod
@@ -69,6 +71,7 @@ class Settings(BaseModel):
             "portal_token_secret": env.get("PORTAL_TOKEN_SECRET") or None,
             "portal_token_secret_name": env.get("PORTAL_TOKEN_SECRET_NAME") or None,
             "portal_origins": env.get("PORTAL_ORIGINS") or None,
+            "secrets_max_age_seconds": env.get("SECRETS_MAX_AGE_SECONDS") or None,
         }
         try:
             return cls.model_validate({k: v for k, v in raw.items() if v is not None})

@@ -77,11 +77,13 @@ def bearer(authorization: str | None) -> str:
     return credential.strip()
 
 
-def authenticate(credential: str, *, keys: KeyStore, token_secret: bytes, now: int) -> Principal:
+def authenticate(
+    credential: str, *, keys: KeyStore, token_secrets: Sequence[bytes], now: int
+) -> Principal:
     if credential.startswith(KEY_PREFIX):
         return _server_key(credential, keys)
     if credential.startswith(TOKEN_PREFIX):
-        return verify_portal_token(credential, token_secret, now)
+        return verify_portal_token(credential, token_secrets, now)
     raise Unauthenticated("not a usage-meter key or portal token")
 
 
@@ -132,12 +134,14 @@ def issue_portal_token(
     return f"{TOKEN_PREFIX}{payload}.{_sign(payload, secret)}", expires_at
 
 
-def verify_portal_token(token: str, secret: bytes, now: int) -> Principal:
+def verify_portal_token(token: str, token_secrets: Sequence[bytes], now: int) -> Principal:
+    """A token signed with any of `token_secrets` (more than one while tokens signed with a
+    rotated secret are still out there)."""
     match = _TOKEN.match(token)
     if not match:
         raise Unauthenticated("malformed portal token")
     payload, signature = match.groups()
-    if not hmac.compare_digest(signature, _sign(payload, secret)):
+    if not any(hmac.compare_digest(signature, _sign(payload, secret)) for secret in token_secrets):
         raise Unauthenticated("portal token signature does not match")
     try:
         claims = json.loads(_unb64(payload))
@@ -158,12 +162,12 @@ def verify_portal_token(token: str, secret: bytes, now: int) -> Principal:
 
 
 def identify(
-    authorization: str | None, *, keys: KeyStore, token_secret: bytes, now: int
+    authorization: str | None, *, keys: KeyStore, token_secrets: Sequence[bytes], now: int
 ) -> Principal:
     """The authorizer's whole decision: who is calling. It depends on the credential alone, so
     API Gateway may cache it per Authorization header; what the caller may do on a route, and
     for which customer, the function decides (`authorize`)."""
-    return authenticate(bearer(authorization), keys=keys, token_secret=token_secret, now=now)
+    return authenticate(bearer(authorization), keys=keys, token_secrets=token_secrets, now=now)
 
 
 def anonymous_context(reason: str) -> dict[str, str | int]:
