@@ -24,11 +24,11 @@ import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 from devtools.sam_app import PSEUDO_PARAMETERS
-from devtools.service import Service
+from devtools.service import ThreadedHttpService
 
 FUNCTION_TYPE = "AWS::Serverless::Function"
 MANAGED_POLICY_TYPE = "AWS::IAM::ManagedPolicy"
@@ -369,7 +369,7 @@ _HOP_HEADERS = ("content-length", "connection", "transfer-encoding", "date", "se
 _SERVICES = {"DynamoDB_20120810": "dynamodb", "secretsmanager": "secretsmanager"}
 
 
-class IamGate(Service):
+class IamGate(ThreadedHttpService):
     """A loopback proxy in front of an AWS JSON-protocol service (DynamoDB Local, a local
     Secrets Manager) that enforces each principal's role. The principal is the access key id of
     the request's signature; one with no role here (a test's or an operator's client) passes
@@ -393,26 +393,6 @@ class IamGate(Service):
         self._faults: dict[tuple[str, str], tuple[int, bool]] = {}
         self._lock = threading.Lock()
         self._server = _GateServer((host, port), self)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> Self:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
 
     def fail(
         self, principal: str, operation: str, count: int = 1, *, applied: bool = False

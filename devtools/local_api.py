@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from devtools.local_lambda import FunctionTimeout, InvocationError
 from devtools.sam_app import Authorizer, RouteMatch, RouteTable
+from devtools.service import ThreadedHttpService
 
 ACCOUNT_ID = "123456789012"
 API_ID = "local"
@@ -280,7 +281,7 @@ def request_line(request: HttpRequest, response: HttpResponse, function: str, ms
     return f"{request.method:<6} {path}  {response.status}  {ms:.0f} ms  ({function})"
 
 
-class LocalApiServer:
+class LocalApiServer(ThreadedHttpService):
     """The HTTP API on http://host:port; local_routes serve /_local/... paths (POST only)."""
 
     def __init__(
@@ -299,25 +300,6 @@ class LocalApiServer:
         self.log = log or _print_line
         self.authorizer_cache = AuthorizerCache()
         self._server = _Server((host, port), self)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
 
     def respond(self, request: HttpRequest) -> HttpResponse:
         started = time.perf_counter()
