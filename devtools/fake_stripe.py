@@ -45,7 +45,14 @@ from devtools.service import Service
 log = logging.getLogger(__name__)
 
 METER_EVENTS_PATH = "/v1/billing/meter_events"
-FAULT_KINDS = ("server_error", "rate_limit", "delay", "lost_response", "reject")
+FAULT_KINDS = (
+    "server_error",
+    "saved_server_error",
+    "rate_limit",
+    "delay",
+    "lost_response",
+    "reject",
+)
 MAX_IDENTIFIER_LENGTH = 100
 MAX_VALUE_DIGITS = 15
 MAX_PAST_SECONDS = 35 * 24 * 3600
@@ -62,6 +69,9 @@ _UNSIGNED_INTEGER = re.compile(r"\d{1,12}")
 # Options each fault accepts; `customer`/`event_name` restrict a fault to matching requests.
 _FAULT_OPTIONS: dict[str, frozenset[str]] = {
     "server_error": frozenset({"message"}),
+    # A 500 from inside the endpoint: Stripe saves it under the request's Idempotency-Key and
+    # answers every retry with that key the same 500 for 24 hours.
+    "saved_server_error": frozenset({"message"}),
     "rate_limit": frozenset({"message", "retry_after"}),
     "delay": frozenset({"seconds"}),
     "lost_response": frozenset(),
@@ -238,8 +248,9 @@ class FakeStripe(Service):
     def inject(self, fault: str, count: int = 1, **options: Any) -> None:
         """Queue `fault` for the next `count` meter-event requests (FIFO).
 
-        Options: server_error(message), rate_limit(message, retry_after), delay(seconds),
-        reject(message, code); any fault also takes customer= and/or event_name= to hit only
+        Options: server_error(message), saved_server_error(message: a 500 saved under the
+        request's Idempotency-Key, as Stripe v1 saves one once the endpoint began executing),
+        rate_limit(message, retry_after), delay(seconds), reject(message, code); any fault also takes customer= and/or event_name= to hit only
         matching requests.
         """
         if fault not in _FAULT_OPTIONS:
@@ -422,6 +433,10 @@ class FakeStripe(Service):
         identifier = params.get("identifier") or str(uuid.uuid4())
         value = int(params["payload[value]"])
         timestamp = int(params["timestamp"]) if "timestamp" in params else int(now)
+        if fault is not None and fault.kind == "saved_server_error":
+            log.info("meter_event 500 injected saved_server_error identifier=%s", identifier)
+            message = fault.options.get("message", "An unknown error occurred")
+            return _error(500, message, type_="api_error", storable=True)
         if fault is not None and fault.kind == "reject":
             log.info("meter_event 400 injected reject identifier=%s", identifier)
             message = fault.options.get("message", "The request was rejected (injected fault).")

@@ -10,33 +10,34 @@ from usage_meter.billing import (
 )
 from usage_meter.logic.periods import period_key
 from usage_meter.models.domain import (
-    BacklogEvent,
-    Batch,
-    BatchState,
+    Counter,
+    Decision,
     MeterEventRequest,
     MeterTotals,
     UsageEvent,
 )
 
+CounterKey = tuple[str, str, str, int]  # customer, period start, meter, shard
 
-@dataclass
-class _Event:
-    event: UsageEvent
-    batch_id: str | None = None
+
+def key_of(counter: Counter) -> CounterKey:
+    return (counter.customer, counter.period_start, counter.meter, counter.shard)
 
 
 class InMemoryStore:
-    """Same contract as DynamoStore: conditional writes, a backlog that claims empty."""
+    """Same contract as DynamoStore: every flush write conditional on what its caller read, a
+    backlog that holds exactly the counters with something left to report."""
 
-    def __init__(self) -> None:
-        self.events: dict[str, _Event] = {}
-        self.counters: dict[tuple[str, str, str], list[int]] = {}  # -> [quantity, reported]
-        self.batches: dict[str, Batch] = {}
+    def __init__(self, page_size: int = 100) -> None:
+        self.events: dict[str, UsageEvent] = {}
+        self.counters: dict[CounterKey, Counter] = {}
+        self.in_backlog: set[CounterKey] = set()
+        self.page_size = page_size
         self.lock = threading.RLock()
 
     def fingerprints(self, event_ids: Sequence[str]) -> Mapping[str, str]:
         with self.lock:
-            return {i: self.events[i].event.fingerprint for i in event_ids if i in self.events}
+            return {i: self.events[i].fingerprint for i in event_ids if i in self.events}
 
     def put_events(self, events: Sequence[UsageEvent]) -> Mapping[str, str]:
         with self.lock:
@@ -44,111 +45,127 @@ class InMemoryStore:
             for event in events:
                 if event.id in existing:
                     continue
-                self.events[event.id] = _Event(event)
-                key = (event.customer, period_key(event.period), event.meter)
-                self.counters.setdefault(key, [0, 0])[0] += event.quantity
+                self.events[event.id] = event
+                key = (event.customer, period_key(event.period), event.meter, 0)
+                counter = self.counters.get(key) or Counter(
+                    customer=event.customer,
+                    meter=event.meter,
+                    period_start=key[1],
+                    period_end=int(event.period.end.timestamp()),
+                )
+                self.counters[key] = counter.model_copy(
+                    update={"quantity": counter.quantity + event.quantity}
+                )
+                self.in_backlog.add(key)
             return existing
 
     def period_totals(self, customer: str, period_start: str) -> Sequence[MeterTotals]:
         with self.lock:
-            return [
-                MeterTotals(meter=meter, quantity=q, reported=r)
-                for (c, p, meter), (q, r) in self.counters.items()
-                if c == customer and p == period_start
-            ]
+            totals: dict[str, tuple[int, int]] = {}
+            for (c, p, meter, _), counter in self.counters.items():
+                if c == customer and p == period_start:
+                    q, r = totals.get(meter, (0, 0))
+                    totals[meter] = (q + counter.quantity, r + counter.reported)
+            return [MeterTotals(meter=m, quantity=q, reported=r) for m, (q, r) in totals.items()]
 
-    def backlog(self) -> Iterator[BacklogEvent]:
+    # -- flush -------------------------------------------------------------------------------
+
+    def backlog(self) -> Iterator[Sequence[Counter]]:
         with self.lock:
-            unclaimed = [s.event for s in self.events.values() if s.batch_id is None]
-        for e in unclaimed:
-            yield BacklogEvent(
-                id=e.id,
-                customer=e.customer,
-                meter=e.meter,
-                quantity=e.quantity,
-                event_time=e.event_time,
-                period_start=period_key(e.period),
+            keys = sorted(self.in_backlog)
+        for start in range(0, len(keys), self.page_size):
+            with self.lock:
+                yield [self.counters[k] for k in keys[start : start + self.page_size]]
+
+    def _swap(self, counter: Counter, holds: bool, **changes: object) -> bool:
+        with self.lock:
+            if not holds:
+                return False
+            key = key_of(counter)
+            self.counters[key] = self.counters[key].model_copy(update=changes)
+            return True
+
+    def decide(self, counter: Counter, decision: Decision) -> bool:
+        with self.lock:
+            stored = self.counters[key_of(counter)]
+            holds = stored.sending is None and stored.seq == counter.seq
+            return self._swap(counter, holds, seq=decision.seq, sending=decision)
+
+    def confirm(self, counter: Counter, decision: Decision) -> bool:
+        with self.lock:
+            stored = self.counters[key_of(counter)]
+            holds = stored.sending is not None and stored.sending.seq == decision.seq
+            return self._swap(
+                counter, holds, reported=stored.reported + decision.value, sending=None
             )
 
-    def open_batches(self) -> Sequence[Batch]:
+    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
         with self.lock:
-            open_states = (BatchState.PLANNED, BatchState.CLAIMED)
-            return [b for b in self.batches.values() if b.state in open_states]
-
-    def quarantined_batches(self) -> Sequence[Batch]:
-        with self.lock:
-            return [b for b in self.batches.values() if b.state == BatchState.QUARANTINED]
-
-    def create_batch(self, batch: Batch) -> Batch:
-        with self.lock:
-            return self.batches.setdefault(batch.id, batch)
-
-    def claim(self, batch: Batch) -> Mapping[str, tuple[int, int]]:
-        with self.lock:
-            claimed = {}
-            for event_id in batch.event_ids:
-                stored = self.events.get(event_id)
-                if stored is None or stored.batch_id not in (None, batch.id):
-                    continue
-                stored.batch_id = batch.id
-                claimed[event_id] = (stored.event.quantity, stored.event.event_time)
-            return claimed
-
-    def mark_claimed(
-        self, batch: Batch, quantity: int, timestamp: int, event_ids: Sequence[str]
-    ) -> Batch:
-        with self.lock:
-            stored = self.batches[batch.id]
-            if stored.state != BatchState.PLANNED:
-                return stored
-            state = BatchState.CLAIMED if event_ids else BatchState.EMPTY
-            updated = stored.model_copy(
-                update={
-                    "state": state,
-                    "quantity": quantity,
-                    "timestamp": timestamp,
-                    "event_ids": tuple(event_ids),
-                }
+            stored = self.counters[key_of(counter)]
+            holds = stored.sending is not None and stored.sending.seq == decision.seq
+            return self._swap(
+                counter,
+                holds,
+                quarantined=stored.quarantined + decision.value,
+                quarantine_reason=reason,
+                quarantined_at=at,
+                sending=None,
             )
-            self.batches[batch.id] = updated
-            return updated
 
-    def confirm(self, batch: Batch, reported_at: int) -> None:
+    def release(self, counter: Counter) -> bool:
         with self.lock:
-            stored = self.batches[batch.id]
-            if stored.state == BatchState.REPORTED:
-                return
-            assert stored.state == BatchState.CLAIMED, stored.state
-            self.batches[batch.id] = stored.model_copy(
-                update={"state": BatchState.REPORTED, "reported_at": reported_at}
+            stored = self.counters[key_of(counter)]
+            holds = (
+                counter.sending is None
+                and counter.unsent == 0
+                and stored.quantity == counter.quantity
+                and stored.sending is None
+                and stored.seq == counter.seq
+                and stored.quarantined == counter.quarantined
             )
-            self.counters[(batch.customer, batch.period_start, batch.meter)][1] += batch.quantity
+            if holds:
+                self.in_backlog.discard(key_of(counter))
+            return holds
 
-    def get_batch(self, batch_id: str) -> Batch | None:
-        with self.lock:
-            return self.batches.get(batch_id)
+    # -- quarantine ----------------------------------------------------------------------------
 
-    def replay(self, batch: Batch, identifier: str, timestamp: int) -> Batch:
+    def quarantined(self) -> Sequence[Counter]:
         with self.lock:
-            stored = self.batches[batch.id]
-            assert stored.state == BatchState.QUARANTINED and stored.identifier == batch.identifier
-            updated = stored.model_copy(
-                update={
-                    "state": BatchState.CLAIMED,
-                    "identifier": identifier,
-                    "timestamp": timestamp,
-                }
+            return sorted(
+                (c for c in self.counters.values() if c.quarantined),
+                key=lambda c: (c.quarantined_at or 0, c.id),
             )
-            self.batches[batch.id] = updated
-            return updated
 
-    def quarantine(self, batch: Batch, reason: str) -> None:
+    def quarantined_counter(self, counter_id: str) -> Counter | None:
+        return next((c for c in self.quarantined() if c.id == counter_id), None)
+
+    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
         with self.lock:
-            stored = self.batches[batch.id]
-            assert stored.state == BatchState.CLAIMED, stored.state
-            self.batches[batch.id] = stored.model_copy(
-                update={"state": BatchState.QUARANTINED, "reason": reason}
-            )
+            key = key_of(counter)
+            stored = self.counters[key]
+            if (stored.quarantined, stored.quarantined_at) != (
+                counter.quarantined,
+                counter.quarantined_at,
+            ):
+                return False
+            units = stored.quarantined
+            changes: dict[str, object] = {
+                "quarantined": 0,
+                "quarantine_reason": None,
+                "quarantined_at": None,
+            }
+            if restamp_to is None:
+                self.in_backlog.add(key)
+            else:
+                changes["quantity"] = stored.quantity - units
+                target_key = key_of(restamp_to)
+                target = self.counters.get(target_key) or restamp_to
+                self.counters[target_key] = target.model_copy(
+                    update={"quantity": target.quantity + units}
+                )
+                self.in_backlog.add(target_key)
+            self.counters[key] = stored.model_copy(update=changes)
+            return True
 
 
 @dataclass

@@ -68,12 +68,10 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     )
     summary = flusher.run()
     logger.info("flush finished", extra={"summary": summary.model_dump()})
-    metrics.add_metric(name="GroupsSent", unit=MetricUnit.Count, value=summary.groups_sent)
-    metrics.add_metric(name="EventsReported", unit=MetricUnit.Count, value=summary.events_reported)
-    metrics.add_metric(
-        name="GroupsQuarantined", unit=MetricUnit.Count, value=summary.groups_quarantined
-    )
-    metrics.add_metric(name="GroupsDeferred", unit=MetricUnit.Count, value=summary.groups_deferred)
+    metrics.add_metric(name="CountersSent", unit=MetricUnit.Count, value=summary.sent)
+    metrics.add_metric(name="UnitsReported", unit=MetricUnit.Count, value=summary.units_reported)
+    metrics.add_metric(name="CountersQuarantined", unit=MetricUnit.Count, value=summary.quarantined)
+    metrics.add_metric(name="CountersDeferred", unit=MetricUnit.Count, value=summary.deferred)
     if summary.errors:
         raise FlushIncomplete(f"{len(summary.errors)} error(s); first: {summary.errors[0]}")
     return summary.model_dump()

@@ -2,7 +2,7 @@
 
     python -m usage_meter.admin --table TABLE status
     python -m usage_meter.admin --table TABLE quarantine list
-    python -m usage_meter.admin --table TABLE quarantine replay BATCH_ID [--restamp]
+    python -m usage_meter.admin --table TABLE quarantine replay COUNTER_ID [--restamp]
     python -m usage_meter.admin --table TABLE quarantine replay --all [--restamp]
     python -m usage_meter.admin --table TABLE keys create --name NAME --scopes record,read
     python -m usage_meter.admin --table TABLE keys list
@@ -21,14 +21,12 @@ from usage_meter.errors import UsageMeterError
 from usage_meter.logic import quarantine
 from usage_meter.logic.auth import create_api_key
 from usage_meter.models.auth import ApiKey, Scope
-from usage_meter.models.domain import Batch
+from usage_meter.models.domain import Counter
 from usage_meter.store.dynamodb import DynamoStore
 
 
-def _show(batch: Batch) -> str:
-    return json.dumps(
-        batch.model_dump(mode="json", exclude={"event_ids"}) | {"events": len(batch.event_ids)}
-    )
+def _show(counter: Counter) -> str:
+    return json.dumps({"id": counter.id, **counter.model_dump(mode="json", exclude={"sending"})})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the stack's UsageTableName output (default: $TABLE_NAME)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="backlog, open and quarantined batches")
-    batches = commands.add_parser("quarantine", help="batches Stripe refused for good")
-    actions = batches.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="every quarantined batch with its reason")
-    replay = actions.add_parser("replay", help="send quarantined batches again on the next flush")
+    commands.add_parser("status", help="counters waiting to be reported, in flight, quarantined")
+    held = commands.add_parser("quarantine", help="units Stripe refused for good")
+    actions = held.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every counter with quarantined units, and the reason")
+    replay = actions.add_parser("replay", help="send quarantined units again on the next flush")
     which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("batch_id", nargs="?")
+    which.add_argument("counter_id", nargs="?")
     which.add_argument("--all", action="store_true")
     replay.add_argument(
         "--restamp",
         action="store_true",
-        help="send batches too old for Stripe with the current time",
+        help="bill units whose period is too old for Stripe in the current period instead",
     )
     keys = commands.add_parser("keys", help="server keys for your apps")
     key_actions = keys.add_subparsers(dest="action", required=True)
@@ -70,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     store = DynamoStore(args.table)
 
     if args.command == "status":
+        backlog = [counter for page in store.backlog() for counter in page]
         print(
             json.dumps(
                 {
-                    "unreported_events": sum(1 for _ in store.backlog()),
-                    "open_batches": len(store.open_batches()),
-                    "quarantined_batches": len(store.quarantined_batches()),
+                    "counters_in_backlog": len(backlog),
+                    "units_unsent": sum(max(c.unsent, 0) for c in backlog),
+                    "decisions_in_flight": sum(c.sending is not None for c in backlog),
+                    "quarantined_counters": len(store.quarantined()),
                 }
             )
         )
@@ -83,21 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return _keys(args, store, parser)
     if args.action == "list":
-        for batch in store.quarantined_batches():
-            print(_show(batch))
+        for counter in store.quarantined():
+            print(_show(counter))
         return 0
-    ids = [b.id for b in store.quarantined_batches()] if args.all else [args.batch_id]
+    ids = [c.id for c in store.quarantined()] if args.all else [args.counter_id]
     failed = 0
-    for batch_id in ids:
+    now = int(time.time())
+    for counter_id in ids:
         try:
-            print(
-                _show(
-                    quarantine.replay(store, batch_id, now=int(time.time()), restamp=args.restamp)
-                )
-            )
+            print(_show(quarantine.replay(store, counter_id, now=now, restamp=args.restamp)))
         except UsageMeterError as error:
             failed += 1
-            print(json.dumps({"id": batch_id, "error": error.code, "message": error.message}))
+            print(json.dumps({"id": counter_id, "error": error.code, "message": error.message}))
     return 1 if failed else 0
 
 

@@ -17,6 +17,8 @@ from usage_meter.models.domain import MeterEventRequest
 
 # Stripe's answer to a repeated identifier; it means the event was delivered before.
 _DUPLICATE = "An event already exists with identifier"
+# A timestamp ahead of Stripe's clock is clock skew: the same decision succeeds a little later.
+_TRANSIENT_CODES = frozenset({"timestamp_in_future"})
 # Stripe allows 25 meter-event calls/s in test mode and 1,000/s live; keep headroom under both.
 _TEST_MODE_RATE, _LIVE_RATE = 20.0, 500.0
 
@@ -71,11 +73,11 @@ class StripeMeterBilling:
         }
         self._limiter.wait()
         try:
-            # The identifier doubles as the idempotency key: a retry after a lost response
-            # replays Stripe's first answer instead of creating anything.
-            self._client.v1.billing.meter_events.create(
-                params=params, options={"idempotency_key": request.identifier}
-            )
+            # No idempotency key of ours: Stripe keeps its first answer to one for 24 hours, 500s
+            # included, which would pin this decision to a failure for a day. The SDK sends a
+            # fresh key per call (and reuses it across its own retries), and the identifier is
+            # what Stripe deduplicates across calls and runs.
+            self._client.v1.billing.meter_events.create(params=params)
         except stripe.RateLimitError as error:
             raise RateLimited(str(error.user_message), _retry_after(error)) from error
         except (stripe.AuthenticationError, stripe.PermissionError) as error:
@@ -84,6 +86,8 @@ class StripeMeterBilling:
             message = str(error.user_message or error)
             if message.startswith(_DUPLICATE):
                 return SendOutcome.ALREADY_DELIVERED
+            if error.code in _TRANSIENT_CODES:
+                raise TransientBillingError(message) from error
             raise PermanentBillingError(message, error.code) from error
         except stripe.IdempotencyError as error:
             raise PermanentBillingError(str(error.user_message), "idempotency_error") from error

@@ -1,17 +1,29 @@
-"""Flush: report the backlog to Stripe exactly once, each unit in its own period (DESIGN §6).
+"""Flush: report every counter's new units to Stripe exactly once, in their period (DESIGN §6).
 
-Plan → claim → send → confirm. Every step is idempotent, so a run that dies anywhere is
-finished by the next one with the same Stripe identifier, which Stripe deduplicates.
+The record transaction adds each event to its (customer, meter, period) counter and puts the
+counter in the backlog. A run reads the backlog a page at a time and, per counter:
+
+1. **Decide**: what the next Stripe call carries (the units no decision covers yet, a
+   timestamp inside the counter's period, the next decision number, which names the
+   identifier) is written on the counter, conditional on nothing having changed since it read.
+2. **Send** it. A counter with a decision in flight (an earlier run died, or Stripe did not
+   answer) is sent the same decision again: Stripe deduplicates the identifier.
+3. **Confirm** (the units join `reported`) or **quarantine** (Stripe refused them for good),
+   each conditional on the decision still being in flight, so a stale run changes nothing.
+4. **Release** the counter from the backlog once nothing is left to send.
+
+Work and Stripe calls follow the counters with new units, not the events; memory holds one
+page of counters.
 """
 
-import hashlib
 import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from usage_meter.billing import (
     BillingAuthError,
@@ -20,19 +32,30 @@ from usage_meter.billing import (
     RateLimited,
     TransientBillingError,
 )
-from usage_meter.models.domain import BacklogEvent, Batch, BatchState, MeterEventRequest
+from usage_meter.models.domain import Counter, Decision, MeterEventRequest
 from usage_meter.models.output import FlushSummary
-from usage_meter.store import BacklogStore
+from usage_meter.store import CounterStore
 
 HOUR = 3600
-MAX_BATCH_EVENTS = 1000  # keeps a batch item far below DynamoDB's 400 KB
 MAX_STRIPE_VALUE = 10**15 - 1  # Stripe takes at most 15 significant digits
 STRIPE_MAX_AGE = 35 * 24 * HOUR
-SEND_MARGIN = 10 * 60  # an event this close to Stripe's 35-day limit may arrive too late
+SEND_MARGIN = 10 * 60  # a timestamp this close to Stripe's 35-day limit may arrive too late
+# Stripe deduplicates an identifier for at least 24 hours. A decision still unconfirmed after
+# this long may have been delivered, and a resend might no longer be recognised: it waits for an
+# operator, who checks Stripe, rather than risk billing twice.
+IDENTIFIER_WINDOW = 23 * HOUR
+# A run sends nothing it read longer ago than this. Any run that could hold a decision has
+# then given up on it, which is what lets an operator replay a quarantine safely (REPLAY_GUARD).
+STALE_READ = 10 * 60
 
 
 def too_old_for_stripe(timestamp: int, now: int) -> bool:
     return timestamp < now - STRIPE_MAX_AGE + SEND_MARGIN
+
+
+def stamp(counter: Counter, now: int) -> int:
+    """The timestamp a decision sends: now, or the period's last second once it has ended."""
+    return min(now, counter.period_end - 1)
 
 
 @dataclass(frozen=True)
@@ -42,63 +65,6 @@ class FlushPolicy:
     rate_limit_attempts: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
-
-
-def batch_id(
-    customer: str,
-    meter: str,
-    period_start: str,
-    hour: int,
-    event_ids: Sequence[str],
-    attempt: int = 0,
-) -> str:
-    """Derived from the batch's content, so two runs planning the same events agree on it."""
-    parts = [customer, meter, period_start, str(hour), *event_ids]
-    if attempt:
-        parts.append(f"attempt {attempt}")
-    return f"umb_{hashlib.sha256(chr(31).join(parts).encode()).hexdigest()[:40]}"
-
-
-def plan(events: Iterable[BacklogEvent], planned_at: int) -> list[Batch]:
-    """Group by (customer, meter, period, hour of event time), split to Stripe's limits."""
-    groups: dict[tuple[str, str, str, int], list[BacklogEvent]] = defaultdict(list)
-    for event in events:
-        hour = event.event_time - event.event_time % HOUR
-        groups[(event.customer, event.meter, event.period_start, hour)].append(event)
-    batches = []
-    for (customer, meter, period_start, hour), members in sorted(groups.items()):
-        for chunk in _split(sorted(members, key=lambda e: (e.event_time, e.id))):
-            ids = tuple(e.id for e in chunk)
-            identifier = batch_id(customer, meter, period_start, hour, ids)
-            batches.append(
-                Batch(
-                    id=identifier,
-                    identifier=identifier,
-                    customer=customer,
-                    meter=meter,
-                    period_start=period_start,
-                    hour=hour,
-                    state=BatchState.PLANNED,
-                    event_ids=ids,
-                    quantity=sum(e.quantity for e in chunk),
-                    timestamp=max(e.event_time for e in chunk),
-                    planned_at=planned_at,
-                )
-            )
-    return batches
-
-
-def _split(events: list[BacklogEvent]) -> Iterable[list[BacklogEvent]]:
-    chunk: list[BacklogEvent] = []
-    total = 0
-    for event in events:
-        if chunk and (len(chunk) == MAX_BATCH_EVENTS or total + event.quantity > MAX_STRIPE_VALUE):
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(event)
-        total += event.quantity
-    if chunk:
-        yield chunk
 
 
 @dataclass
@@ -119,7 +85,7 @@ class _Tally:
 class Flusher:
     def __init__(
         self,
-        store: BacklogStore,
+        store: CounterStore,
         billing: MeterBilling,
         *,
         time_left: Callable[[], float],
@@ -139,16 +105,14 @@ class Flusher:
         self._abort = threading.Event()
 
     def run(self) -> FlushSummary:
-        batches = {b.id: b for b in self._store.open_batches()}
-        self._tally.add(batches_resumed=len(batches))
-        if self._has_time():
-            try:
-                for batch in self._plan(batches.values()):
-                    batches.setdefault(batch.id, batch)
-            except Exception as error:  # what was planned before the fault is resumed next run
-                self._tally.error(f"planning failed: {type(error).__name__}: {error}")
-        ready = [b for b in map(self._claim_if_planned, batches.values()) if b is not None]
-        self._send_all(ready)
+        try:
+            for page in self._store.backlog():
+                if not self._has_time():
+                    break
+                self._tally.add(counters_read=len(page))
+                self._work(page, read_at=self._clock())
+        except Exception as error:  # a store fault: what is decided stays for the next run
+            self._tally.error(f"reading the backlog failed: {type(error).__name__}: {error}")
         return self._tally.summary
 
     def _has_time(self) -> bool:
@@ -157,94 +121,78 @@ class Flusher:
             return False
         return True
 
-    def _plan(self, open_batches: Iterable[Batch]) -> Iterator[Batch]:
-        # Events already promised to an open batch are left to it, not planned twice.
-        promised = {
-            eid for b in open_batches if b.state == BatchState.PLANNED for eid in b.event_ids
-        }
-        backlog = (e for e in self._store.backlog() if e.id not in promised)
-        for batch in plan(backlog, planned_at=int(self._clock())):
-            if not self._has_time():
-                return
-            yield self._create(batch)
-
-    def _create(self, batch: Batch) -> Batch:
-        """Store a planned batch. A finished batch under the same id planned these events before
-        (a stale index read, or a claim that missed some): plan them again under the next id, and
-        the claim decides which events are really still unreported."""
-        for attempt in range(1, 100):
-            stored = self._store.create_batch(batch)
-            if stored.state in (BatchState.PLANNED, BatchState.CLAIMED):
-                return stored
-            new_id = batch_id(
-                batch.customer,
-                batch.meter,
-                batch.period_start,
-                batch.hour,
-                batch.event_ids,
-                attempt,
-            )
-            batch = batch.model_copy(update={"id": new_id, "identifier": new_id})
-        raise RuntimeError(f"no free batch id for {batch.id}")
-
-    def _claim_if_planned(self, batch: Batch) -> Batch | None:
-        if batch.state == BatchState.PLANNED:
-            if not self._has_time():
-                return None
-            try:
-                batch = self._claim(batch)
-            except Exception as error:  # a store fault: the batch stays planned for the next run
-                self._tally.error(f"{batch.id}: claim failed: {type(error).__name__}: {error}")
-                return None
-        return batch if batch.state == BatchState.CLAIMED else None
-
-    def _claim(self, batch: Batch) -> Batch:
-        claimed = self._store.claim(batch)
-        batch = self._store.mark_claimed(
-            batch,
-            quantity=sum(quantity for quantity, _ in claimed.values()),
-            timestamp=max((when for _, when in claimed.values()), default=batch.timestamp),
-            event_ids=sorted(claimed),
-        )
-        if batch.state == BatchState.EMPTY:
-            self._tally.add(groups_empty=1)
-        return batch
-
-    def _send_all(self, batches: Sequence[Batch]) -> None:
-        # Stripe allows one concurrent call per (customer, meter): a pair's batches go in order.
-        pairs: dict[tuple[str, str], list[Batch]] = defaultdict(list)
-        for batch in sorted(batches, key=lambda b: (b.timestamp, b.id)):
-            pairs[(batch.customer, batch.meter)].append(batch)
+    def _work(self, page: Sequence[Counter], read_at: float) -> None:
+        # Stripe allows one concurrent call per (customer, meter): a pair's shards go in turn.
+        pairs: dict[tuple[str, str], list[Counter]] = defaultdict(list)
+        for counter in page:
+            pairs[(counter.customer, counter.meter)].append(counter)
         with ThreadPoolExecutor(max_workers=self._policy.parallel_pairs) as pool:
-            list(pool.map(self._send_pair, pairs.values()))
-        if self._abort.is_set():
-            self._tally.summary.stopped_early = True
+            list(pool.map(lambda counters: self._pair(counters, read_at), pairs.values()))
 
-    def _send_pair(self, batches: list[Batch]) -> None:
-        for batch in batches:
+    def _pair(self, counters: list[Counter], read_at: float) -> None:
+        for counter in counters:
             if not self._has_time():
-                self._tally.add(groups_deferred=1)
+                self._tally.add(deferred=1)
                 continue
             try:
-                self._deliver(batch)
-            except Exception as error:  # a store fault: the batch stays claimed, resumed next run
-                self._tally.add(groups_deferred=1)
-                self._tally.error(f"{batch.id}: {type(error).__name__}: {error}")
+                self._counter(counter, read_at)
+            except Exception as error:  # a store fault: the counter is picked up next run
+                self._tally.add(deferred=1)
+                self._tally.error(f"{counter.id}: {type(error).__name__}: {error}")
 
-    def _deliver(self, batch: Batch) -> None:
+    def _counter(self, counter: Counter, read_at: float) -> None:
         now = int(self._clock())
-        if too_old_for_stripe(batch.timestamp, now):
-            self._store.quarantine(batch, "timestamp_out_of_window: older than Stripe's 35 days")
-            self._tally.add(groups_quarantined=1)
+        decision = counter.sending
+        if decision is not None:
+            self._tally.add(resumed=1)
+            if now - decision.decided_at > IDENTIFIER_WINDOW:
+                self._quarantine(
+                    counter,
+                    decision,
+                    "unconfirmed_decision: no answer from Stripe for a day; check the meter's "
+                    "events in Stripe before replaying",
+                )
+                return
+        else:
+            decision = self._decide(counter, now)
+            if decision is None:
+                return
+            counter = counter.model_copy(update={"seq": decision.seq, "sending": decision})
+        if too_old_for_stripe(decision.timestamp, now):
+            self._quarantine(
+                counter, decision, "timestamp_too_far_in_past: older than Stripe's 35 days"
+            )
             return
+        self._send(counter, decision, read_at)
+
+    def _decide(self, counter: Counter, now: int) -> Decision | None:
+        """The next decision for the counter's unsent units; None when there is nothing to send
+        now, or another run decided first."""
+        if counter.unsent <= 0:
+            if counter.unsent == 0 and self._store.release(counter):
+                self._tally.add(released=1)
+            return None
+        if now < int(_start(counter)):
+            return None  # usage recorded ahead into a period that has not begun
+        decision = Decision(
+            seq=counter.seq + 1,
+            value=min(counter.unsent, MAX_STRIPE_VALUE),
+            timestamp=stamp(counter, now),
+            decided_at=now,
+        )
+        return decision if self._store.decide(counter, decision) else None
+
+    def _send(self, counter: Counter, decision: Decision, read_at: float) -> None:
         request = MeterEventRequest(
-            identifier=batch.identifier,
-            event_name=batch.meter,
-            customer=batch.customer,
-            value=batch.quantity,
-            timestamp=batch.timestamp,
+            identifier=counter.identifier(decision),
+            event_name=counter.meter,
+            customer=counter.customer,
+            value=decision.value,
+            timestamp=decision.timestamp,
         )
         for attempt in range(self._policy.rate_limit_attempts):
+            if self._clock() - read_at > STALE_READ:
+                break  # what this run read may have changed since: the next run reads again
             try:
                 self._billing.send(request)
             except RateLimited as limited:
@@ -253,25 +201,35 @@ class Flusher:
                 self._sleep(self._backoff(attempt, limited.retry_after))
                 continue
             except TransientBillingError as error:
-                self._tally.error(f"{batch.id}: Stripe unavailable: {error}")
+                self._tally.error(f"{counter.id}: Stripe unavailable: {error}")
                 break
             except PermanentBillingError as error:
-                self._store.quarantine(batch, f"{error.code or 'rejected'}: {error}")
-                self._tally.add(groups_quarantined=1)
+                self._quarantine(counter, decision, f"{error.code or 'rejected'}: {error}")
                 return
             except BillingAuthError as error:
                 self._tally.error(f"Stripe refused the API key: {error}")
                 self._abort.set()
                 break
-            self._store.confirm(batch, reported_at=int(self._clock()))
-            self._tally.add(
-                groups_sent=1, events_reported=len(batch.event_ids), units_reported=batch.quantity
-            )
+            if self._store.confirm(counter, decision):
+                self._tally.add(sent=1, units_reported=decision.value)
+                confirmed = counter.model_copy(
+                    update={"reported": counter.reported + decision.value, "sending": None}
+                )
+                if confirmed.unsent == 0 and self._store.release(confirmed):
+                    self._tally.add(released=1)
             return
-        self._tally.add(groups_deferred=1)
+        self._tally.add(deferred=1)
+
+    def _quarantine(self, counter: Counter, decision: Decision, reason: str) -> None:
+        if self._store.quarantine(counter, decision, reason, int(self._clock())):
+            self._tally.add(quarantined=1)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         jittered = self._rng.uniform(
             0, min(self._policy.backoff_cap, self._policy.backoff_base * 2**attempt)
         )
         return max(jittered, retry_after or 0.0)
+
+
+def _start(counter: Counter) -> float:
+    return datetime.fromisoformat(counter.period_start).timestamp()

@@ -1,47 +1,50 @@
-"""Operators' view of batches Stripe refused: list them, and replay them once the cause is fixed."""
+"""Operators' view of units Stripe refused: list them, and replay them once the cause is fixed."""
 
-from collections.abc import Sequence
-from typing import Protocol
+from datetime import UTC, datetime
 
 from usage_meter.errors import NotFound, UsageMeterError
-from usage_meter.logic.flush import too_old_for_stripe
-from usage_meter.models.domain import Batch, BatchState
+from usage_meter.logic.flush import STALE_READ, too_old_for_stripe
+from usage_meter.logic.periods import calendar_month, period_key
+from usage_meter.models.domain import Counter
+from usage_meter.store import QuarantineStore
+
+# A replay waits until every run that could still hold the refused decision has given up on it
+# (runs send nothing they read more than STALE_READ ago), so none can send it after the replay.
+REPLAY_GUARD = STALE_READ + 5 * 60
 
 
 class ReplayRefused(UsageMeterError):
     code = "replay_refused"
 
 
-class QuarantineStore(Protocol):
-    def quarantined_batches(self) -> Sequence[Batch]: ...
-
-    def get_batch(self, batch_id: str) -> Batch | None: ...
-
-    def replay(self, batch: Batch, identifier: str, timestamp: int) -> Batch: ...
-
-
-def replay_identifier(batch: Batch) -> str:
-    """A fresh Stripe identifier: Stripe keeps its first answer to the old one's idempotency key
-    for 24 hours, so the same identifier would only be refused again. Safe, because a refused
-    event was never recorded by Stripe."""
-    _, _, attempt = batch.identifier.partition(".r")
-    return f"{batch.id}.r{int(attempt or 0) + 1}"
-
-
-def replay(store: QuarantineStore, batch_id: str, *, now: int, restamp: bool = False) -> Batch:
-    """Put a quarantined batch back in line; the next flush sends it."""
-    batch = store.get_batch(batch_id)
-    if batch is None:
-        raise NotFound(f"no batch {batch_id}")
-    if batch.state != BatchState.QUARANTINED:
-        raise ReplayRefused(f"batch {batch_id} is {batch.state}, not quarantined")
-    timestamp = batch.timestamp
-    if too_old_for_stripe(timestamp, now):
+def replay(store: QuarantineStore, counter_id: str, *, now: int, restamp: bool = False) -> Counter:
+    """Make a counter's quarantined units sendable again; the next flush sends them under a new
+    decision, so a new identifier. Returns the counter as it was."""
+    counter = store.quarantined_counter(counter_id)
+    if counter is None or not counter.quarantined:
+        raise NotFound(f"no quarantined units in counter {counter_id}")
+    quarantined_at = counter.quarantined_at or 0
+    if now < quarantined_at + REPLAY_GUARD:
+        when = datetime.fromtimestamp(quarantined_at + REPLAY_GUARD, UTC)
+        raise ReplayRefused(
+            f"counter {counter_id} was quarantined a moment ago, and a flush that read it may "
+            f"still be running: replay it from {when:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    target = None
+    if too_old_for_stripe(counter.period_end - 1, now):
         if not restamp:
             raise ReplayRefused(
-                f"batch {batch_id} is older than Stripe's 35 days and would be refused again; "
-                "replay it with restamp to send it with the current time (it then bills in the "
-                "current Stripe period)"
+                f"counter {counter_id}'s period ended more than Stripe's 35 days ago, so Stripe "
+                "would refuse it again; replay it with restamp to bill the units in the current "
+                "period instead"
             )
-        timestamp = now
-    return store.replay(batch, replay_identifier(batch), timestamp)
+        period = calendar_month(datetime.fromtimestamp(now, UTC))
+        target = Counter(
+            customer=counter.customer,
+            meter=counter.meter,
+            period_start=period_key(period),
+            period_end=int(period.end.timestamp()),
+        )
+    if not store.replay(counter, restamp_to=target):
+        raise ReplayRefused(f"counter {counter_id} changed while replaying it; try again")
+    return counter

@@ -1,7 +1,7 @@
-"""The service's own vocabulary: events as stored facts, periods, batches sent to Stripe."""
+"""The service's own vocabulary: events as stored facts, periods, counters reported to Stripe."""
 
+import hashlib
 from datetime import datetime
-from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -53,45 +53,51 @@ class MeterTotals(BaseModel):
     reported: int = 0
 
 
-class BacklogEvent(BaseModel):
-    """An unreported event, as the flush reads it from the sparse index."""
+class Decision(BaseModel):
+    """What one Stripe call for a counter carries, written on the counter before the call: a
+    resend after any crash or lost answer reuses it, identifier included."""
 
     model_config = ConfigDict(frozen=True)
 
-    id: str
-    customer: str
-    meter: str
-    quantity: int
-    event_time: int
-    period_start: str
+    seq: int  # the counter's decision number; never reused, so identifiers never repeat
+    value: int
+    timestamp: int  # Unix seconds inside the counter's period, sent to Stripe
+    decided_at: int
 
 
-class BatchState(StrEnum):
-    PLANNED = "planned"
-    CLAIMED = "claimed"
-    REPORTED = "reported"
-    QUARANTINED = "quarantined"
-    EMPTY = "empty"  # every planned event went to a concurrent run's batch
-
-
-class Batch(BaseModel):
-    """One Stripe meter event's worth of usage: a (customer, meter, period, hour) group."""
+class Counter(BaseModel):
+    """One (customer, meter, period) counter shard: the record writes add to it, and it is the
+    unit the flush reports. Hot pairs spread over a few shards, each reported on its own."""
 
     model_config = ConfigDict(frozen=True)
 
-    id: str
-    identifier: str  # the Stripe identifier; a replay after quarantine gets a fresh one
     customer: str
     meter: str
-    period_start: str
-    hour: int  # Unix seconds of the hour the events fall in
-    state: BatchState
-    event_ids: tuple[str, ...]
-    quantity: int  # planned total, final once claimed
-    timestamp: int  # an event time inside the group, sent to Stripe
-    planned_at: int
-    reported_at: int | None = None
-    reason: str | None = None
+    period_start: str  # the period's key (RFC 3339 start)
+    period_end: int  # Unix seconds, exclusive
+    shard: int = 0
+    quantity: int = 0  # every accepted unit
+    reported: int = 0  # units Stripe confirmed
+    quarantined: int = 0  # units Stripe refused, until an operator replays them
+    seq: int = 0  # decisions made so far
+    sending: Decision | None = None  # the decision in flight, if any
+    quarantine_reason: str | None = None
+    quarantined_at: int | None = None
+
+    @property
+    def id(self) -> str:
+        """Short and stable: the Stripe identifier's stem and the operators' handle."""
+        raw = f"{self.customer}\x1f{self.meter}\x1f{self.period_start}\x1f{self.shard}"
+        return f"umc_{hashlib.sha256(raw.encode()).hexdigest()[:32]}"
+
+    @property
+    def unsent(self) -> int:
+        """Units no decision covers yet: neither reported, quarantined nor in flight."""
+        in_flight = self.sending.value if self.sending else 0
+        return self.quantity - self.reported - self.quarantined - in_flight
+
+    def identifier(self, decision: Decision) -> str:
+        return f"{self.id}.{decision.seq}"
 
 
 class MeterEventRequest(BaseModel):

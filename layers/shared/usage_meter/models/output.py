@@ -67,13 +67,13 @@ class ErrorOut(BaseModel):
 class FlushSummary(BaseModel):
     """What one flush run did; logged, returned and turned into metrics."""
 
-    batches_resumed: int = 0
-    groups_sent: int = 0
-    events_reported: int = 0
+    counters_read: int = 0  # counters with unsent or in-flight units
+    resumed: int = 0  # decisions an earlier run made and did not finish, sent again
+    sent: int = 0  # Stripe calls that delivered (or had delivered) a decision
     units_reported: int = 0
-    groups_quarantined: int = 0
-    groups_deferred: int = 0
-    groups_empty: int = 0
+    quarantined: int = 0  # decisions Stripe refused for good, or too old to send
+    deferred: int = 0  # decisions left in flight for the next run (429, 5xx, no time)
+    released: int = 0  # counters left with nothing unsent, out of the backlog
     stopped_early: bool = False
     errors: list[str] = []
 

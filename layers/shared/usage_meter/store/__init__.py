@@ -1,9 +1,9 @@
 """The storage interface the logic depends on. The DynamoDB adapter lives in store/dynamodb.py."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
-from usage_meter.models.domain import BacklogEvent, Batch, MeterTotals, UsageEvent
+from usage_meter.models.domain import Counter, Decision, MeterTotals, UsageEvent
 
 
 class EventStore(Protocol):
@@ -12,7 +12,8 @@ class EventStore(Protocol):
         ...
 
     def put_events(self, events: Sequence[UsageEvent]) -> Mapping[str, str]:
-        """Store new events with their period counters, atomically per event.
+        """Store new events, each atomically with its period counter, which then waits in the
+        backlog until it is reported.
 
         Returns the fingerprints of events that were already stored (and so were not written).
         """
@@ -23,34 +24,40 @@ class UsageReader(Protocol):
     def period_totals(self, customer: str, period_start: str) -> Sequence[MeterTotals]: ...
 
 
-class BacklogStore(Protocol):
-    def backlog(self) -> Iterable[BacklogEvent]:
-        """Every unreported event not yet in a batch: all shards, all pages."""
+class CounterStore(Protocol):
+    """The flush's view: counters with unsent or in-flight units, and the conditional writes
+    that move units from decided to reported or quarantined. Every write is conditional on the
+    state its caller read, so a stale run changes nothing."""
+
+    def backlog(self) -> Iterator[Sequence[Counter]]:
+        """Every counter in the backlog, read consistently, in pages of a bounded size."""
         ...
 
-    def open_batches(self) -> Sequence[Batch]:
-        """Batches a run planned or claimed but did not finish."""
+    def decide(self, counter: Counter, decision: Decision) -> bool:
+        """Write the decision on the counter, if no other was made since `counter` was read."""
         ...
 
-    def create_batch(self, batch: Batch) -> Batch:
-        """Write a planned batch, or return the one already stored under its id."""
+    def confirm(self, counter: Counter, decision: Decision) -> bool:
+        """Stripe has the decision's units: add them to `reported`, if it is still in flight."""
         ...
 
-    def claim(self, batch: Batch) -> Mapping[str, tuple[int, int]]:
-        """Move the batch's events out of the backlog into it.
-
-        Returns {event id: (quantity, event time)} for the events that now belong to the batch.
-        """
+    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+        """Stripe refused the decision for good: its units wait for an operator, if it is still
+        in flight."""
         ...
 
-    def mark_claimed(
-        self, batch: Batch, quantity: int, timestamp: int, event_ids: Sequence[str]
-    ) -> Batch:
-        """Fix the batch's content; returns the stored one if another run got there first."""
+    def release(self, counter: Counter) -> bool:
+        """Take the counter out of the backlog, if it still holds exactly what `counter` says
+        and nothing of that is unsent or in flight."""
         ...
 
-    def confirm(self, batch: Batch, reported_at: int) -> None:
-        """Mark the batch reported and add its quantity to the period counter's reported total."""
-        ...
 
-    def quarantine(self, batch: Batch, reason: str) -> None: ...
+class QuarantineStore(Protocol):
+    def quarantined(self) -> Sequence[Counter]: ...
+
+    def quarantined_counter(self, counter_id: str) -> Counter | None: ...
+
+    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
+        """Make the quarantined units sendable again (under a fresh decision), if nothing changed
+        since `counter` was read; with restamp_to, move them into that (current) period."""
+        ...

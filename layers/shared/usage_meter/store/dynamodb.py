@@ -1,20 +1,20 @@
 """DynamoDB adapter: the only module that talks to the usage table (DESIGN §5).
 
 Items, all in one table:
-  event    pk EVENT#<id>                 sk EVENT
-  counter  pk USAGE#<customer>           sk PERIOD#<period start>#METER#<meter>
-  batch    pk BATCH#<id>                 sk BATCH
-  api key  pk APIKEY#<key id>            sk APIKEY  (the secret's hash, never the secret)
-The sparse `unreported` index is keyed on backlog_pk/backlog_sk, which only the backlog carries:
-unclaimed events (U#<shard>), open batches (B#open) and quarantined batches (B#quarantined).
+  event       pk EVENT#<id>                 sk EVENT
+  counter     pk USAGE#<customer>           sk PERIOD#<period start>#METER#<meter>#<shard>
+  quarantine  pk QUARANTINE                 sk <counter id>  (a counter with refused units)
+  api key     pk APIKEY#<key id>            sk APIKEY  (the secret's hash, never the secret)
+The sparse `backlog` index (keys only) holds exactly the counters with units not yet reported:
+the record transaction puts a counter in, the flush takes it out once nothing is left to send.
+Its partition key is spread over SHARDS values, so no index partition is hot.
 """
 
 import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import botocore.session
 from botocore.config import Config
@@ -23,12 +23,16 @@ from botocore.exceptions import ClientError
 from usage_meter.errors import StoreUnavailable
 from usage_meter.logic.periods import period_key
 from usage_meter.models.auth import ApiKey, Scope
-from usage_meter.models.domain import BacklogEvent, Batch, BatchState, MeterTotals, UsageEvent
+from usage_meter.models.domain import Counter, Decision, MeterTotals, UsageEvent
 
-INDEX = "unreported"
+INDEX = "backlog"
 SHARDS = 16
-OPEN, QUARANTINED = "B#open", "B#quarantined"
+# A (customer, meter, period) counter takes its writes on shard 0; a write that meets another
+# transaction on it moves to one of the others, so a hot pair spreads over this many items.
+COUNTER_SHARDS = 8
+QUARANTINE = "QUARANTINE"
 DAY = 86_400
+PAGE = 100  # counters read and worked on at once: BatchGetItem's limit
 _TRANSACT_LIMIT = 100
 _RETRYABLE = {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"}
 
@@ -43,24 +47,33 @@ def _n(value: int) -> dict[str, str]:
     return {"N": str(value)}
 
 
-def shard_of(customer: str) -> str:
-    return f"U#{int(hashlib.sha256(customer.encode()).hexdigest()[:8], 16) % SHARDS}"
-
-
 def _event_key(event_id: str) -> Item:
     return {"pk": _s(f"EVENT#{event_id}"), "sk": _s("EVENT")}
 
 
-def _batch_key(batch_id: str) -> Item:
-    return {"pk": _s(f"BATCH#{batch_id}"), "sk": _s("BATCH")}
+def _counter_key(customer: str, period_start: str, meter: str, shard: int) -> Item:
+    return {
+        "pk": _s(f"USAGE#{customer}"),
+        "sk": _s(f"PERIOD#{period_start}#METER#{meter}#{shard}"),
+    }
 
 
-def _counter_key(customer: str, period_start: str, meter: str) -> Item:
-    return {"pk": _s(f"USAGE#{customer}"), "sk": _s(f"PERIOD#{period_start}#METER#{meter}")}
+def _key_of(counter: Counter) -> Item:
+    return _counter_key(counter.customer, counter.period_start, counter.meter, counter.shard)
+
+
+def _backlog_shard(key: Item) -> str:
+    digest = hashlib.sha256(f"{key['pk']['S']}|{key['sk']['S']}".encode()).hexdigest()
+    return f"U#{int(digest[:8], 16) % SHARDS}"
 
 
 def _is_condition_failure(error: ClientError) -> bool:
     return bool(error.response["Error"]["Code"] == "ConditionalCheckFailedException")
+
+
+def _is_cancelled_by_condition(error: ClientError) -> bool:
+    reasons = error.response.get("CancellationReasons", [])
+    return any(r.get("Code") == "ConditionalCheckFailed" for r in reasons)
 
 
 class DynamoStore:
@@ -71,7 +84,7 @@ class DynamoStore:
         client: Any = None,
         retention_days: int = 400,
         clock: Callable[[], float] = time.time,
-        claim_workers: int = 8,
+        rng: random.Random | None = None,
     ) -> None:
         self._table = table_name
         # botocore without boto3: the same client, a third less cold-start import time.
@@ -81,7 +94,7 @@ class DynamoStore:
         )
         self._retention = retention_days * DAY
         self._clock = clock
-        self._claim_workers = claim_workers
+        self._rng = rng or random.Random()
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -99,22 +112,36 @@ class DynamoStore:
         return existing
 
     def _put_chunk(self, events: list[UsageEvent]) -> Mapping[str, str]:
-        """One transaction: the events and their counters. Replays drop out, the rest retry."""
+        """One transaction: the events and their counters. Replays drop out, the rest retry; a
+        counter another transaction holds is tried on another shard."""
         existing: dict[str, str] = {}
-        while events:
-            reasons = self._transact(self._event_writes(events))
-            if reasons is None:
-                break
-            replayed = [
-                e.id
-                for e, code in zip(events, reasons, strict=False)
-                if code == "ConditionalCheckFailed"
-            ]
-            existing.update(self.fingerprints(replayed))
-            events = [e for e in events if e.id not in replayed]
-        return existing
+        for attempt in range(10):
+            if not events:
+                return existing
+            try:
+                self._db.transact_write_items(TransactItems=self._event_writes(events, attempt))
+                return existing
+            except ClientError as error:
+                if error.response["Error"]["Code"] != "TransactionCanceledException":
+                    raise
+                reasons = [
+                    r.get("Code", "None") for r in error.response.get("CancellationReasons", [])
+                ]
+                if "ConditionalCheckFailed" in reasons:
+                    replayed = [
+                        e.id
+                        for e, code in zip(events, reasons, strict=False)
+                        if code == "ConditionalCheckFailed"
+                    ]
+                    existing.update(self.fingerprints(replayed))
+                    events = [e for e in events if e.id not in replayed]
+                    continue
+                if not _RETRYABLE.intersection(reasons):
+                    raise
+                time.sleep(self._rng.uniform(0, 0.01 * 2 ** min(attempt, 5)))
+        raise StoreUnavailable("the usage table is busy; retry the request")
 
-    def _event_writes(self, events: list[UsageEvent]) -> list[Item]:
+    def _event_writes(self, events: list[UsageEvent], attempt: int) -> list[Item]:
         writes: list[Item] = [
             {
                 "Put": {
@@ -125,34 +152,44 @@ class DynamoStore:
             }
             for event in events
         ]
-        counters: dict[tuple[str, str, str], int] = {}
+        counters: dict[tuple[str, str, str], tuple[int, int]] = {}
         for event in events:
             key = (event.customer, period_key(event.period), event.meter)
-            counters[key] = counters.get(key, 0) + event.quantity
+            quantity, _ = counters.get(key, (0, 0))
+            counters[key] = (quantity + event.quantity, int(event.period.end.timestamp()))
         # Counters outlive the events they count by two periods' worth of margin.
         expires = int(self._clock()) + self._retention + 62 * DAY
-        for (customer, start, meter), quantity in counters.items():
+        for (customer, start, meter), (quantity, end) in counters.items():
+            shard = 0 if attempt == 0 else self._rng.randrange(COUNTER_SHARDS)
+            counter_key = _counter_key(customer, start, meter, shard)
             writes.append(
                 {
                     "Update": {
                         "TableName": self._table,
-                        "Key": _counter_key(customer, start, meter),
+                        "Key": counter_key,
+                        # The backlog keys never change while set, so a write to a counter
+                        # already in the backlog costs no index write.
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
-                        " period_start = :p, expires_at = :x",
+                        " period_start = :p, period_end = :e, counter_shard = :h, expires_at = :x,"
+                        " backlog_pk = if_not_exists(backlog_pk, :bp),"
+                        " backlog_sk = if_not_exists(backlog_sk, :bs)",
                         "ExpressionAttributeValues": {
                             ":q": _n(quantity),
                             ":c": _s(customer),
                             ":m": _s(meter),
                             ":p": _s(start),
+                            ":e": _n(end),
+                            ":h": _n(shard),
                             ":x": _n(expires),
+                            ":bp": _s(_backlog_shard(counter_key)),
+                            ":bs": counter_key["sk"],
                         },
                     }
                 }
             )
         return writes
 
-    @staticmethod
-    def _event_item(event: UsageEvent) -> Item:
+    def _event_item(self, event: UsageEvent) -> Item:
         item = {
             **_event_key(event.id),
             "type": _s("event"),
@@ -164,8 +201,7 @@ class DynamoStore:
             "received_at": _n(event.received_at),
             "period_start": _s(period_key(event.period)),
             "fingerprint": _s(event.fingerprint),
-            "backlog_pk": _s(shard_of(event.customer)),
-            "backlog_sk": _s(f"{event.event_time:011d}#{event.id}"),
+            "expires_at": _n(int(self._clock()) + self._retention),
         }
         if event.idempotency_key is not None:
             item["idempotency_key"] = _s(event.idempotency_key)
@@ -182,224 +218,218 @@ class DynamoStore:
             },
             ConsistentRead=True,
         )
-        return [
-            MeterTotals(
-                meter=item["meter"]["S"],
-                quantity=int(item.get("quantity", {"N": "0"})["N"]),
-                reported=int(item.get("reported", {"N": "0"})["N"]),
-            )
-            for item in items
-        ]
+        totals: dict[str, tuple[int, int]] = {}
+        for item in items:
+            counter = _to_counter(item)
+            quantity, reported = totals.get(counter.meter, (0, 0))
+            totals[counter.meter] = (quantity + counter.quantity, reported + counter.reported)
+        return [MeterTotals(meter=m, quantity=q, reported=r) for m, (q, r) in totals.items()]
 
     # -- flushing ----------------------------------------------------------------------------
 
-    def backlog(self) -> Iterator[BacklogEvent]:
+    def backlog(self) -> Iterator[Sequence[Counter]]:
         for shard in range(SHARDS):
-            items = self._query(
+            keys: list[Item] = []
+            for item in self._query(
                 IndexName=INDEX,
                 KeyConditionExpression="backlog_pk = :s",
                 ExpressionAttributeValues={":s": _s(f"U#{shard}")},
-            )
-            for item in items:
-                yield BacklogEvent(
-                    id=item["pk"]["S"].removeprefix("EVENT#"),
-                    customer=item["customer"]["S"],
-                    meter=item["meter"]["S"],
-                    quantity=int(item["quantity"]["N"]),
-                    event_time=int(item["event_time"]["N"]),
-                    period_start=item["period_start"]["S"],
-                )
+            ):
+                keys.append({"pk": item["pk"], "sk": item["sk"]})
+                if len(keys) == PAGE:
+                    yield self._counters(keys)
+                    keys = []
+            if keys:
+                yield self._counters(keys)
 
-    def open_batches(self) -> Sequence[Batch]:
-        return self._batches_in(OPEN)
+    def _counters(self, keys: list[Item]) -> list[Counter]:
+        # The index is eventually consistent: decisions are made on a consistent read.
+        counters = [_to_counter(item) for item in self._batch_get(keys)]
+        return sorted(counters, key=lambda c: (c.customer, c.meter, c.period_start, c.shard))
 
-    def quarantined_batches(self) -> Sequence[Batch]:
-        return self._batches_in(QUARANTINED)
-
-    def _batches_in(self, partition: str) -> list[Batch]:
-        index_items = self._query(
-            IndexName=INDEX,
-            KeyConditionExpression="backlog_pk = :s",
-            ExpressionAttributeValues={":s": _s(partition)},
-        )
-        keys = [{"pk": i["pk"], "sk": i["sk"]} for i in index_items]
-        batches = (_to_batch(item) for item in self._batch_get(keys))
-        return sorted(batches, key=lambda b: (b.planned_at, b.id))
-
-    def get_batch(self, batch_id: str) -> Batch | None:
-        item = self._db.get_item(
-            TableName=self._table, Key=_batch_key(batch_id), ConsistentRead=True
-        ).get("Item")
-        return _to_batch(item) if item else None
-
-    def create_batch(self, batch: Batch) -> Batch:
-        item = {
-            **_batch_key(batch.id),
-            "type": _s("batch"),
-            "id": _s(batch.id),
-            "identifier": _s(batch.identifier),
-            "customer": _s(batch.customer),
-            "meter": _s(batch.meter),
-            "period_start": _s(batch.period_start),
-            "hour": _n(batch.hour),
-            "state": _s(batch.state),
-            "event_ids": {"L": [_s(i) for i in batch.event_ids]},
-            "quantity": _n(batch.quantity),
-            "timestamp": _n(batch.timestamp),
-            "planned_at": _n(batch.planned_at),
-            "backlog_pk": _s(OPEN),
-            "backlog_sk": _s(f"{batch.planned_at:011d}#{batch.id}"),
+    def decide(self, counter: Counter, decision: Decision) -> bool:
+        condition = "attribute_not_exists(sending_seq) AND "
+        condition += "seq = :seen" if counter.seq else "attribute_not_exists(seq)"
+        values = {
+            ":next": _n(decision.seq),
+            ":v": _n(decision.value),
+            ":t": _n(decision.timestamp),
+            ":at": _n(decision.decided_at),
         }
-        try:
-            self._db.put_item(
-                TableName=self._table, Item=item, ConditionExpression="attribute_not_exists(pk)"
-            )
-            return batch
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise
-        return self._stored(batch.id)  # planned before, by this or a concurrent run
-
-    def claim(self, batch: Batch) -> Mapping[str, tuple[int, int]]:
-        expires = int(self._clock()) + self._retention
-
-        def claim_one(event_id: str) -> tuple[str, tuple[int, int]] | None:
-            item: Item
-            try:
-                item = self._db.update_item(
-                    TableName=self._table,
-                    Key=_event_key(event_id),
-                    # Still unclaimed, or already ours from an interrupted run.
-                    ConditionExpression="attribute_exists(backlog_pk) OR batch_id = :b",
-                    UpdateExpression="REMOVE backlog_pk, backlog_sk"
-                    " SET batch_id = :b, expires_at = :x",
-                    ExpressionAttributeValues={":b": _s(batch.id), ":x": _n(expires)},
-                    ReturnValues="ALL_NEW",
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )["Attributes"]
-            except ClientError as error:
-                if not _is_condition_failure(error):
-                    raise
-                # A retry whose first attempt was applied sees its own claim: still ours.
-                item = cast(Item, error.response.get("Item") or {})
-                if item.get("batch_id") != _s(batch.id):
-                    return None  # a concurrent run's batch has it
-            return event_id, (int(item["quantity"]["N"]), int(item["event_time"]["N"]))
-
-        with ThreadPoolExecutor(max_workers=self._claim_workers) as pool:
-            return dict(r for r in pool.map(claim_one, batch.event_ids) if r is not None)
-
-    def mark_claimed(
-        self, batch: Batch, quantity: int, timestamp: int, event_ids: Sequence[str]
-    ) -> Batch:
-        state = BatchState.CLAIMED if event_ids else BatchState.EMPTY
-        leave_index = " REMOVE backlog_pk, backlog_sk" if state == BatchState.EMPTY else ""
-        try:
-            self._db.update_item(
-                TableName=self._table,
-                Key=_batch_key(batch.id),
-                ConditionExpression="#state = :planned",
-                UpdateExpression="SET #state = :state, quantity = :q, #ts = :t, event_ids = :ids,"
-                " claimed_at = :now" + leave_index,
-                ExpressionAttributeNames={"#state": "state", "#ts": "timestamp"},
-                ExpressionAttributeValues={
-                    ":planned": _s(BatchState.PLANNED),
-                    ":state": _s(state),
-                    ":q": _n(quantity),
-                    ":t": _n(timestamp),
-                    ":ids": {"L": [_s(i) for i in event_ids]},
-                    ":now": _n(int(self._clock())),
-                },
-            )
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise
-            return self._stored(batch.id)  # another run fixed it first; theirs is the truth
-        return batch.model_copy(
-            update={
-                "state": state,
-                "quantity": quantity,
-                "timestamp": timestamp,
-                "event_ids": tuple(event_ids),
-            }
+        if counter.seq:
+            values[":seen"] = _n(counter.seq)
+        return self._update_if(
+            _key_of(counter),
+            "SET seq = :next, sending_seq = :next, sending_value = :v, sending_timestamp = :t,"
+            " sending_at = :at",
+            condition,
+            values,
         )
 
-    def confirm(self, batch: Batch, reported_at: int) -> None:
-        failed = self._transact(
-            [
+    def confirm(self, counter: Counter, decision: Decision) -> bool:
+        return self._update_if(
+            _key_of(counter),
+            "ADD reported :v REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
+            "sending_seq = :s",
+            {":s": _n(decision.seq), ":v": _n(decision.value)},
+        )
+
+    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+        key = _key_of(counter)
+        try:
+            self._db.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table,
+                            "Key": key,
+                            "UpdateExpression": "ADD quarantined :v SET quarantine_reason = :r,"
+                            " quarantined_at = :at"
+                            " REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
+                            "ConditionExpression": "sending_seq = :s",
+                            "ExpressionAttributeValues": {
+                                ":s": _n(decision.seq),
+                                ":v": _n(decision.value),
+                                ":r": _s(reason[:500]),
+                                ":at": _n(at),
+                            },
+                        }
+                    },
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": {
+                                "pk": _s(QUARANTINE),
+                                "sk": _s(counter.id),
+                                "counter_pk": key["pk"],
+                                "counter_sk": key["sk"],
+                            },
+                        }
+                    },
+                ]
+            )
+        except ClientError as error:
+            if _is_cancelled_by_condition(error):
+                return False
+            raise
+        return True
+
+    def release(self, counter: Counter) -> bool:
+        if counter.sending is not None or counter.unsent:
+            return False
+        return self._update_if(
+            _key_of(counter),
+            "REMOVE backlog_pk, backlog_sk",
+            "quantity = :q AND attribute_not_exists(sending_seq)"
+            " AND (attribute_not_exists(seq) OR seq = :seq)"
+            " AND (attribute_not_exists(quarantined) OR quarantined = :qq)",
+            {":q": _n(counter.quantity), ":seq": _n(counter.seq), ":qq": _n(counter.quarantined)},
+        )
+
+    # -- quarantine --------------------------------------------------------------------------
+
+    def quarantined(self) -> Sequence[Counter]:
+        markers = list(
+            self._query(
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": _s(QUARANTINE)},
+                ConsistentRead=True,
+            )
+        )
+        keys = [{"pk": m["counter_pk"], "sk": m["counter_sk"]} for m in markers]
+        counters = [_to_counter(item) for item in self._batch_get(keys)]
+        waiting = [c for c in counters if c.quarantined]
+        return sorted(waiting, key=lambda c: (c.quarantined_at or 0, c.id))
+
+    def quarantined_counter(self, counter_id: str) -> Counter | None:
+        marker = self._db.get_item(
+            TableName=self._table,
+            Key={"pk": _s(QUARANTINE), "sk": _s(counter_id)},
+            ConsistentRead=True,
+        ).get("Item")
+        if marker is None:
+            return None
+        item = self._db.get_item(
+            TableName=self._table,
+            Key={"pk": marker["counter_pk"], "sk": marker["counter_sk"]},
+            ConsistentRead=True,
+        ).get("Item")
+        return _to_counter(item) if item else None
+
+    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
+        key = _key_of(counter)
+        units = _n(counter.quarantined)
+        condition = "quarantined = :q AND quarantined_at = :at"
+        seen: Item = {":q": units, ":at": _n(counter.quarantined_at or 0)}
+        backlog = {":bp": _s(_backlog_shard(key)), ":bs": key["sk"]}
+        if restamp_to is None:
+            # The units are unsent again: the next decision covers them, with a new identifier.
+            writes: list[Item] = [
                 {
                     "Update": {
                         "TableName": self._table,
-                        "Key": _batch_key(batch.id),
-                        "ConditionExpression": "#state = :claimed AND identifier = :id",
-                        "UpdateExpression": "SET #state = :reported, reported_at = :at,"
-                        " expires_at = :x REMOVE backlog_pk, backlog_sk",
-                        "ExpressionAttributeNames": {"#state": "state"},
+                        "Key": key,
+                        "ConditionExpression": condition,
+                        "UpdateExpression": "SET quarantined = :zero, backlog_pk = :bp,"
+                        " backlog_sk = :bs REMOVE quarantine_reason, quarantined_at",
+                        "ExpressionAttributeValues": {**seen, ":zero": _n(0), **backlog},
+                    }
+                }
+            ]
+        else:
+            # The units leave their old period for the current one.
+            target = _key_of(restamp_to)
+            writes = [
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": key,
+                        "ConditionExpression": condition,
+                        "UpdateExpression": "SET quarantined = :zero ADD quantity :minus"
+                        " REMOVE quarantine_reason, quarantined_at",
                         "ExpressionAttributeValues": {
-                            ":claimed": _s(BatchState.CLAIMED),
-                            ":reported": _s(BatchState.REPORTED),
-                            ":id": _s(batch.identifier),
-                            ":at": _n(reported_at),
-                            ":x": _n(reported_at + self._retention),
+                            **seen,
+                            ":zero": _n(0),
+                            ":minus": _n(-counter.quarantined),
                         },
                     }
                 },
                 {
                     "Update": {
                         "TableName": self._table,
-                        "Key": _counter_key(batch.customer, batch.period_start, batch.meter),
-                        "UpdateExpression": "ADD reported :q",
-                        "ExpressionAttributeValues": {":q": _n(batch.quantity)},
+                        "Key": target,
+                        "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
+                        " period_start = :p, period_end = :e, counter_shard = :h,"
+                        " backlog_pk = if_not_exists(backlog_pk, :bp),"
+                        " backlog_sk = if_not_exists(backlog_sk, :bs)",
+                        "ExpressionAttributeValues": {
+                            ":q": units,
+                            ":c": _s(restamp_to.customer),
+                            ":m": _s(restamp_to.meter),
+                            ":p": _s(restamp_to.period_start),
+                            ":e": _n(restamp_to.period_end),
+                            ":h": _n(restamp_to.shard),
+                            ":bp": _s(_backlog_shard(target)),
+                            ":bs": target["sk"],
+                        },
                     }
                 },
             ]
+        writes.append(
+            {
+                "Delete": {
+                    "TableName": self._table,
+                    "Key": {"pk": _s(QUARANTINE), "sk": _s(counter.id)},
+                }
+            }
         )
-        # A failed condition is fine only when a concurrent run confirmed it: counted once.
-        if failed and self._stored(batch.id).state != BatchState.REPORTED:
-            raise RuntimeError(f"batch {batch.id} changed state while it was being confirmed")
-
-    def quarantine(self, batch: Batch, reason: str) -> None:
-        now = int(self._clock())
-        self._db.update_item(
-            TableName=self._table,
-            Key=_batch_key(batch.id),
-            ConditionExpression="#state = :claimed",
-            UpdateExpression="SET #state = :q, reason = :r, quarantined_at = :now,"
-            " backlog_pk = :pk, backlog_sk = :sk",
-            ExpressionAttributeNames={"#state": "state"},
-            ExpressionAttributeValues={
-                ":claimed": _s(BatchState.CLAIMED),
-                ":q": _s(BatchState.QUARANTINED),
-                ":r": _s(reason[:1000]),
-                ":now": _n(now),
-                ":pk": _s(QUARANTINED),
-                ":sk": _s(f"{now:011d}#{batch.id}"),
-            },
-        )
-
-    def replay(self, batch: Batch, identifier: str, timestamp: int) -> Batch:
-        now = int(self._clock())
-        self._db.update_item(
-            TableName=self._table,
-            Key=_batch_key(batch.id),
-            ConditionExpression="#state = :q AND identifier = :old",
-            UpdateExpression="SET #state = :claimed, identifier = :new, #ts = :t,"
-            " replayed_at = :now, backlog_pk = :pk, backlog_sk = :sk",
-            ExpressionAttributeNames={"#state": "state", "#ts": "timestamp"},
-            ExpressionAttributeValues={
-                ":q": _s(BatchState.QUARANTINED),
-                ":claimed": _s(BatchState.CLAIMED),
-                ":old": _s(batch.identifier),
-                ":new": _s(identifier),
-                ":t": _n(timestamp),
-                ":now": _n(now),
-                ":pk": _s(OPEN),
-                ":sk": _s(f"{now:011d}#{batch.id}"),
-            },
-        )
-        return batch.model_copy(
-            update={"state": BatchState.CLAIMED, "identifier": identifier, "timestamp": timestamp}
-        )
+        try:
+            self._db.transact_write_items(TransactItems=writes)
+        except ClientError as error:
+            if _is_cancelled_by_condition(error):
+                return False
+            raise
+        return True
 
     # -- server keys -------------------------------------------------------------------------
 
@@ -453,33 +483,23 @@ class DynamoStore:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _transact(self, writes: list[Item]) -> list[str] | None:
-        """Run a transaction, retrying contention and throttling.
-
-        Returns None once it commits, or the per-item cancellation codes when a condition failed.
-        """
-        for attempt in range(8):
-            try:
-                self._db.transact_write_items(TransactItems=writes)
-                return None
-            except ClientError as error:
-                if error.response["Error"]["Code"] != "TransactionCanceledException":
-                    raise
-                reasons = [
-                    r.get("Code", "None") for r in error.response.get("CancellationReasons", [])
-                ]
-                if "ConditionalCheckFailed" in reasons:
-                    return reasons
-                if not _RETRYABLE.intersection(reasons):
-                    raise
-                time.sleep(random.uniform(0, 0.05 * 2**attempt))
-        raise StoreUnavailable("the usage table is busy; retry the request")
-
-    def _stored(self, batch_id: str) -> Batch:
-        stored = self.get_batch(batch_id)
-        if stored is None:
-            raise LookupError(f"batch {batch_id} vanished")
-        return stored
+    def _update_if(
+        self, key: Item, expression: str, condition: str, values: Mapping[str, Any]
+    ) -> bool:
+        """A conditional update; False when its condition no longer holds."""
+        try:
+            self._db.update_item(
+                TableName=self._table,
+                Key=key,
+                UpdateExpression=expression,
+                ConditionExpression=condition,
+                ExpressionAttributeValues=dict(values),
+            )
+        except ClientError as error:
+            if _is_condition_failure(error):
+                return False
+            raise
+        return True
 
     def _query(self, **kwargs: Any) -> Iterator[Item]:
         paginator = self._db.get_paginator("query")
@@ -498,7 +518,7 @@ class DynamoStore:
                 pending = response.get("UnprocessedKeys") or {}
                 if not pending:
                     break
-                time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                time.sleep(self._rng.uniform(0, 0.05 * 2**attempt))
             else:
                 raise StoreUnavailable("the usage table is busy; retry the request")
 
@@ -534,23 +554,29 @@ def _to_api_key(item: Item) -> ApiKey:
     )
 
 
-def _to_batch(item: Item) -> Batch:
-    def optional(name: str, kind: str) -> Any:
-        return item[name][kind] if name in item else None
+def _to_counter(item: Item) -> Counter:
+    def number(name: str) -> int:
+        return int(item[name]["N"]) if name in item else 0
 
-    reported_at = optional("reported_at", "N")
-    return Batch(
-        id=item["id"]["S"],
-        identifier=item["identifier"]["S"],
+    sending = None
+    if "sending_seq" in item:
+        sending = Decision(
+            seq=number("sending_seq"),
+            value=number("sending_value"),
+            timestamp=number("sending_timestamp"),
+            decided_at=number("sending_at"),
+        )
+    return Counter(
         customer=item["customer"]["S"],
         meter=item["meter"]["S"],
         period_start=item["period_start"]["S"],
-        hour=int(item["hour"]["N"]),
-        state=BatchState(item["state"]["S"]),
-        event_ids=tuple(v["S"] for v in item["event_ids"]["L"]),
-        quantity=int(item["quantity"]["N"]),
-        timestamp=int(item["timestamp"]["N"]),
-        planned_at=int(item["planned_at"]["N"]),
-        reported_at=int(reported_at) if reported_at is not None else None,
-        reason=optional("reason", "S"),
+        period_end=number("period_end"),
+        shard=number("counter_shard"),
+        quantity=number("quantity"),
+        reported=number("reported"),
+        quarantined=number("quarantined"),
+        seq=number("seq"),
+        sending=sending,
+        quarantine_reason=item["quarantine_reason"]["S"] if "quarantine_reason" in item else None,
+        quarantined_at=number("quarantined_at") if "quarantined_at" in item else None,
     )
