@@ -250,8 +250,8 @@ class FakeStripe(Service):
 
         Options: server_error(message), saved_server_error(message: a 500 saved under the
         request's Idempotency-Key, as Stripe v1 saves one once the endpoint began executing),
-        rate_limit(message, retry_after), delay(seconds), reject(message, code); any fault also takes customer= and/or event_name= to hit only
-        matching requests.
+        rate_limit(message, retry_after), delay(seconds), reject(message, code); any fault also
+        takes customer= and/or event_name= to hit only matching requests.
         """
         if fault not in _FAULT_OPTIONS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULT_KINDS}")
