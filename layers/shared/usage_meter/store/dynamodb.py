@@ -37,6 +37,7 @@ _TRANSACT_LIMIT = 100
 _RETRYABLE = {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"}
 
 Item = dict[str, Any]
+CounterId = tuple[str, str, str]  # customer, period start, meter
 
 
 def _s(value: str) -> dict[str, str]:
@@ -113,35 +114,44 @@ class DynamoStore:
 
     def _put_chunk(self, events: list[UsageEvent]) -> Mapping[str, str]:
         """One transaction: the events and their counters. Replays drop out, the rest retry; a
-        counter another transaction holds is tried on another shard."""
+        counter another transaction holds is tried on another of its shards."""
         existing: dict[str, str] = {}
+        shards: dict[CounterId, int] = {}  # counters moved off shard 0 by contention
         for attempt in range(10):
             if not events:
                 return existing
+            counters = _counters_of(events)
             try:
-                self._db.transact_write_items(TransactItems=self._event_writes(events, attempt))
+                self._db.transact_write_items(TransactItems=self._writes(events, counters, shards))
                 return existing
             except ClientError as error:
-                if error.response["Error"]["Code"] != "TransactionCanceledException":
-                    raise
                 reasons = [
                     r.get("Code", "None") for r in error.response.get("CancellationReasons", [])
                 ]
-                if "ConditionalCheckFailed" in reasons:
-                    replayed = [
-                        e.id
-                        for e, code in zip(events, reasons, strict=False)
-                        if code == "ConditionalCheckFailed"
-                    ]
-                    existing.update(self.fingerprints(replayed))
-                    events = [e for e in events if e.id not in replayed]
-                    continue
-                if not _RETRYABLE.intersection(reasons):
+                cancelled = error.response["Error"]["Code"] == "TransactionCanceledException"
+                if not cancelled or not {"ConditionalCheckFailed", *_RETRYABLE} & set(reasons):
                     raise
-                time.sleep(self._rng.uniform(0, 0.01 * 2 ** min(attempt, 5)))
+            if "ConditionalCheckFailed" in reasons:
+                replayed = [
+                    e.id
+                    for e, code in zip(events, reasons, strict=False)
+                    if code == "ConditionalCheckFailed"
+                ]
+                existing.update(self.fingerprints(replayed))
+                events = [e for e in events if e.id not in replayed]
+                continue
+            for counter, code in zip(counters, reasons[len(events) :], strict=False):
+                if code == "TransactionConflict":
+                    shards[counter] = self._rng.randrange(COUNTER_SHARDS)
+            time.sleep(self._rng.uniform(0, 0.01 * 2 ** min(attempt, 5)))
         raise StoreUnavailable("the usage table is busy; retry the request")
 
-    def _event_writes(self, events: list[UsageEvent], attempt: int) -> list[Item]:
+    def _writes(
+        self,
+        events: list[UsageEvent],
+        counters: Mapping[CounterId, tuple[int, int]],
+        shards: Mapping[CounterId, int],
+    ) -> list[Item]:
         writes: list[Item] = [
             {
                 "Put": {
@@ -152,15 +162,10 @@ class DynamoStore:
             }
             for event in events
         ]
-        counters: dict[tuple[str, str, str], tuple[int, int]] = {}
-        for event in events:
-            key = (event.customer, period_key(event.period), event.meter)
-            quantity, _ = counters.get(key, (0, 0))
-            counters[key] = (quantity + event.quantity, int(event.period.end.timestamp()))
         # Counters outlive the events they count by two periods' worth of margin.
         expires = int(self._clock()) + self._retention + 62 * DAY
         for (customer, start, meter), (quantity, end) in counters.items():
-            shard = 0 if attempt == 0 else self._rng.randrange(COUNTER_SHARDS)
+            shard = shards.get((customer, start, meter), 0)
             counter_key = _counter_key(customer, start, meter, shard)
             writes.append(
                 {
@@ -521,6 +526,16 @@ class DynamoStore:
                 time.sleep(self._rng.uniform(0, 0.05 * 2**attempt))
             else:
                 raise StoreUnavailable("the usage table is busy; retry the request")
+
+
+def _counters_of(events: Sequence[UsageEvent]) -> dict[CounterId, tuple[int, int]]:
+    """Each counter the events add to, in order of first use: (units, period end)."""
+    counters: dict[CounterId, tuple[int, int]] = {}
+    for event in events:
+        counter = (event.customer, period_key(event.period), event.meter)
+        quantity, _ = counters.get(counter, (0, 0))
+        counters[counter] = (quantity + event.quantity, int(event.period.end.timestamp()))
+    return counters
 
 
 def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEvent]]:
