@@ -143,6 +143,7 @@ class Flusher:
     def _counter(self, counter: Counter, read_at: float) -> None:
         now = int(self._clock())
         decision = counter.sending
+        resumed = decision is not None
         if decision is not None:
             self._tally.add(resumed=1)
             if now - decision.decided_at > IDENTIFIER_WINDOW:
@@ -150,7 +151,7 @@ class Flusher:
                     counter,
                     decision,
                     "unconfirmed_decision: no answer from Stripe for a day; check the meter's "
-                    "events in Stripe before replaying",
+                    f"events in Stripe for {counter.identifier(decision)} before replaying",
                 )
                 return
         else:
@@ -159,11 +160,12 @@ class Flusher:
                 return
             counter = counter.model_copy(update={"seq": decision.seq, "sending": decision})
         if too_old_for_stripe(decision.timestamp, now):
-            self._quarantine(
-                counter, decision, "timestamp_too_far_in_past: older than Stripe's 35 days"
-            )
+            reason = "timestamp_too_far_in_past: older than Stripe's 35 days"
+            if resumed:
+                reason += f"; sent before: check Stripe for {counter.identifier(decision)}"
+            self._quarantine(counter, decision, reason)
             return
-        self._send(counter, decision, read_at)
+        self._send(counter, decision, read_at, resumed=resumed)
 
     def _decide(self, counter: Counter, now: int) -> Decision | None:
         """The next decision for the counter's unsent units; None when there is nothing to send
@@ -182,7 +184,7 @@ class Flusher:
         )
         return decision if self._store.decide(counter, decision) else None
 
-    def _send(self, counter: Counter, decision: Decision, read_at: float) -> None:
+    def _send(self, counter: Counter, decision: Decision, read_at: float, *, resumed: bool) -> None:
         request = MeterEventRequest(
             identifier=counter.identifier(decision),
             event_name=counter.meter,
@@ -204,7 +206,12 @@ class Flusher:
                 self._tally.error(f"{counter.id}: Stripe unavailable: {error}")
                 break
             except PermanentBillingError as error:
-                self._quarantine(counter, decision, f"{error.code or 'rejected'}: {error}")
+                reason = f"{error.code or 'rejected'}: {error}"
+                if resumed:
+                    # An earlier attempt may have been delivered with its answer lost: Stripe
+                    # validates before it deduplicates, so the refusal does not prove it wasn't.
+                    reason += f"; sent before: check Stripe for {request.identifier}"
+                self._quarantine(counter, decision, reason)
                 return
             except BillingAuthError as error:
                 self._tally.error(f"Stripe refused the API key: {error}")

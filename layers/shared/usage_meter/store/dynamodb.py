@@ -30,6 +30,9 @@ SHARDS = 16
 # A (customer, meter, period) counter takes its writes on shard 0; a write that meets another
 # transaction on it moves to one of the others, so a hot pair spreads over this many items.
 COUNTER_SHARDS = 8
+# How long a record request keeps retrying a contended transaction before it answers 503.
+WRITE_BUDGET_SECONDS = 3.0
+SPREAD_SECONDS = 60  # how long a container keeps writing a contended pair to its other shard
 QUARANTINE = "QUARANTINE"
 DAY = 86_400
 PAGE = 100  # counters read and worked on at once: BatchGetItem's limit
@@ -96,6 +99,7 @@ class DynamoStore:
         self._retention = retention_days * DAY
         self._clock = clock
         self._rng = rng or random.Random()
+        self._spread: dict[CounterId, tuple[int, float]] = {}  # contended counters: shard, until
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -116,8 +120,12 @@ class DynamoStore:
         """One transaction: the events and their counters. Replays drop out, the rest retry; a
         counter another transaction holds is tried on another of its shards."""
         existing: dict[str, str] = {}
-        shards: dict[CounterId, int] = {}  # counters moved off shard 0 by contention
-        for attempt in range(10):
+        now = self._clock()
+        shards = {c: shard for c, (shard, until) in self._spread.items() if until > now}
+        deadline = time.monotonic() + WRITE_BUDGET_SECONDS
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
             if not events:
                 return existing
             counters = _counters_of(events)
@@ -142,8 +150,13 @@ class DynamoStore:
                 continue
             for counter, code in zip(counters, reasons[len(events) :], strict=False):
                 if code == "TransactionConflict":
-                    shards[counter] = self._rng.randrange(COUNTER_SHARDS)
-            time.sleep(self._rng.uniform(0, 0.01 * 2 ** min(attempt, 5)))
+                    # This container's next writes go there too: concurrent writers of a hot
+                    # pair scatter over the shards and stay scattered while it is hot.
+                    shards[counter] = self._rng.randrange(1, COUNTER_SHARDS)
+                    self._spread[counter] = (shards[counter], now + SPREAD_SECONDS)
+            # Full jitter, capped low: a transaction holds its items for milliseconds, so the
+            # next attempt soon meets them free (or another shard).
+            time.sleep(self._rng.uniform(0, min(0.1, 0.005 * 2**attempt)))
         raise StoreUnavailable("the usage table is busy; retry the request")
 
     def _writes(
