@@ -1,7 +1,7 @@
 """In-memory fakes of the store and billing interfaces, for fast unit tests of the logic."""
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from usage_meter.billing import (
@@ -74,8 +74,9 @@ class InMemoryStore:
         with self.lock:
             keys = sorted(self.in_backlog)
         for start in range(0, len(keys), self.page_size):
-            with self.lock:
-                yield [self.counters[k] for k in keys[start : start + self.page_size]]
+            with self.lock:  # read under the lock, yield outside it: the flush's threads write
+                page = [self.counters[k] for k in keys[start : start + self.page_size]]
+            yield page
 
     def _swap(self, counter: Counter, holds: bool, **changes: object) -> bool:
         with self.lock:
@@ -168,24 +169,114 @@ class InMemoryStore:
             return True
 
 
+class HookedStore(InMemoryStore):
+    """An InMemoryStore that runs a test's action once just before or after a named step
+    (`decide`, `confirm`, `quarantine`, `release`; after only: `backlog`, once a page is read,
+    and `quarantined_counter`), so a race (another run, a record, a replay, a crash) happens
+    exactly there. Same contract otherwise."""
+
+    def __init__(self, page_size: int = 100) -> None:
+        super().__init__(page_size)
+        self.hooks: dict[tuple[str, str], list[Callable[[], object]]] = {}
+
+    def before(self, step: str, action: Callable[[], object]) -> None:
+        self.hooks.setdefault(("before", step), []).append(action)
+
+    def after(self, step: str, action: Callable[[], object]) -> None:
+        self.hooks.setdefault(("after", step), []).append(action)
+
+    def _fire(self, when: str, step: str) -> None:
+        with self.lock:
+            waiting = self.hooks.get((when, step))
+            action = waiting.pop(0) if waiting else None
+        if action is not None:  # outside the lock: the action may be a whole other run
+            action()
+
+    def backlog(self) -> Iterator[Sequence[Counter]]:
+        for page in super().backlog():
+            self._fire("after", "backlog")
+            yield page
+
+    def decide(self, counter: Counter, decision: Decision) -> bool:
+        self._fire("before", "decide")
+        done = super().decide(counter, decision)
+        self._fire("after", "decide")
+        return done
+
+    def confirm(self, counter: Counter, decision: Decision) -> bool:
+        self._fire("before", "confirm")
+        done = super().confirm(counter, decision)
+        self._fire("after", "confirm")
+        return done
+
+    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+        self._fire("before", "quarantine")
+        done = super().quarantine(counter, decision, reason, at)
+        self._fire("after", "quarantine")
+        return done
+
+    def release(self, counter: Counter) -> bool:
+        self._fire("before", "release")
+        done = super().release(counter)
+        self._fire("after", "release")
+        return done
+
+    def quarantined_counter(self, counter_id: str) -> Counter | None:
+        found = super().quarantined_counter(counter_id)
+        self._fire("after", "quarantined_counter")
+        return found
+
+
+class FakeClock:
+    """Wall-clock time (Unix seconds) that moves only when a test, or a fake sleep, moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class FakeBilling:
-    """Dedupes identifiers like Stripe; `script` holds errors to raise on the next calls."""
+    """Dedupes identifiers like Stripe; `script` holds errors to raise on the next calls.
+
+    `on_call` runs while a call is in flight, before Stripe looks at it (a test puts a barrier
+    or another run there); `max_in_flight` and `max_in_flight_per_pair` record how many calls,
+    overall and per (customer, meter), were ever in flight at once."""
 
     delivered: dict[str, MeterEventRequest] = field(default_factory=dict)
     calls: list[MeterEventRequest] = field(default_factory=list)
     script: list[BillingError] = field(default_factory=list)
+    on_call: Callable[[MeterEventRequest], object] | None = None
+    max_in_flight: int = 0
+    max_in_flight_per_pair: int = 0
+    in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, request: MeterEventRequest) -> SendOutcome:
+        pair = (request.customer, request.event_name)
         with self.lock:
             self.calls.append(request)
-            if self.script:
-                raise self.script.pop(0)
-            if request.identifier in self.delivered:
-                return SendOutcome.ALREADY_DELIVERED
-            self.delivered[request.identifier] = request
-            return SendOutcome.DELIVERED
+            self.in_flight[pair] = self.in_flight.get(pair, 0) + 1
+            self.max_in_flight_per_pair = max(self.max_in_flight_per_pair, self.in_flight[pair])
+            self.max_in_flight = max(self.max_in_flight, sum(self.in_flight.values()))
+        try:
+            if self.on_call is not None:
+                self.on_call(request)
+            with self.lock:
+                if self.script:
+                    raise self.script.pop(0)
+                if request.identifier in self.delivered:
+                    return SendOutcome.ALREADY_DELIVERED
+                self.delivered[request.identifier] = request
+                return SendOutcome.DELIVERED
+        finally:
+            with self.lock:
+                self.in_flight[pair] -= 1
 
     def totals(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}

@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devtools.invoke import http_event
-from tests.fakes import InMemoryStore
+from tests.fakes import CounterKey, InMemoryStore
 from usage_meter.api import MAX_BODY_BYTES, read_api, record_api
 from usage_meter.logic.periods import calendar_month, period_key
 from usage_meter.logic.record import MAX_AGE, MAX_FUTURE
+from usage_meter.models.domain import Counter
 from usage_meter.models.input import MAX_BATCH_EVENTS, MAX_QUANTITY
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
@@ -58,7 +59,7 @@ PROPERTY = settings(
 
 Json = Any
 Answer = tuple[int, Json]
-Snapshot = tuple[dict[str, Any], dict[tuple[str, str, str], list[int]]]
+Snapshot = tuple[dict[str, Any], dict[CounterKey, Counter], set[CounterKey]]
 
 
 class Context:
@@ -119,11 +120,24 @@ def seeded_store() -> InMemoryStore:
 
 
 def snapshot(store: InMemoryStore) -> Snapshot:
-    return dict(store.events), copy.deepcopy(store.counters)
+    return dict(store.events), copy.deepcopy(store.counters), set(store.in_backlog)
+
+
+def put_counter(
+    store: InMemoryStore, customer: str, period: str, meter: str, quantity: int, reported: int
+) -> None:
+    store.counters[(customer, period, meter, 0)] = Counter(
+        customer=customer,
+        meter=meter,
+        period_start=period,
+        period_end=0,
+        quantity=quantity,
+        reported=reported,
+    )
 
 
 def units_recorded(store: InMemoryStore) -> int:
-    return sum(quantity for quantity, _reported in store.counters.values())
+    return sum(counter.quantity for counter in store.counters.values())
 
 
 # --- the documented answers ------------------------------------------------------------------
@@ -603,7 +617,7 @@ def test_a_timestamp_is_accepted_exactly_when_inside_the_window(
     if NOW - MAX_AGE <= moment <= NOW + MAX_FUTURE:
         assert status == 202
         [stored] = store.events.values()
-        assert stored.event.event_time == int(moment.timestamp())
+        assert stored.event_time == int(moment.timestamp())
     else:
         assert (status, error_fields(answer)) == (422, ["timestamp"])
         assert store.events == {}
@@ -663,10 +677,10 @@ def test_usage_shows_every_configured_meter_with_quantity_equal_to_reported_plus
     this_period = period_key(calendar_month(NOW))
     last_period = period_key(calendar_month(NOW - timedelta(days=31)))
     for meter, (reported, quantity) in mine.items():
-        store.counters[(CUSTOMER, this_period, meter)] = [quantity, reported]
+        put_counter(store, CUSTOMER, this_period, meter, quantity, reported)
     for meter, (reported, quantity) in noise.items():
-        store.counters[("cus_Other1", this_period, meter)] = [quantity + 1, reported]
-        store.counters[(CUSTOMER, last_period, meter)] = [quantity + 2, reported]
+        put_counter(store, "cus_Other1", this_period, meter, quantity + 1, reported)
+        put_counter(store, CUSTOMER, last_period, meter, quantity + 2, reported)
     # When the customer's usage is read
     status, answer = get_usage(store, CUSTOMER)
     # Then every configured meter appears once, from this customer's current counters only

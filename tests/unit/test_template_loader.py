@@ -111,7 +111,7 @@ def test_create_kwargs_come_from_the_templates_table(template: dict[str, Any]) -
     (index,) = kwargs["GlobalSecondaryIndexes"]
     (expected,) = properties["GlobalSecondaryIndexes"]
     assert index == {k: expected[k] for k in ("IndexName", "KeySchema", "Projection")}
-    assert index["Projection"]["ProjectionType"] == "INCLUDE"
+    assert index["Projection"] == {"ProjectionType": "KEYS_ONLY"}
 
 
 def test_create_kwargs_leave_out_what_create_table_does_not_take(
@@ -137,7 +137,8 @@ def test_create_kwargs_do_not_alias_the_template(template: dict[str, Any]) -> No
     before = copy.deepcopy(template)
 
     # When a caller changes them
-    kwargs["GlobalSecondaryIndexes"][0]["Projection"]["NonKeyAttributes"].append("extra")
+    kwargs["GlobalSecondaryIndexes"][0]["KeySchema"].append({"AttributeName": "x"})
+    kwargs["GlobalSecondaryIndexes"][0]["Projection"]["ProjectionType"] = "ALL"
 
     # Then the template is unchanged
     assert template == before

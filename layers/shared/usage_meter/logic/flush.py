@@ -198,9 +198,14 @@ class Flusher:
             try:
                 self._billing.send(request)
             except RateLimited as limited:
-                if attempt + 1 == self._policy.rate_limit_attempts or not self._has_time():
-                    break
-                self._sleep(self._backoff(attempt, limited.retry_after))
+                pause = self._backoff(attempt, limited.retry_after)
+                if (
+                    attempt + 1 == self._policy.rate_limit_attempts
+                    or not self._has_time()
+                    or self._time_left() - pause <= self._policy.reserve_seconds
+                ):
+                    break  # the next run resends it; a sleep must not run into the reserve
+                self._sleep(pause)
                 continue
             except TransientBillingError as error:
                 self._tally.error(f"{counter.id}: Stripe unavailable: {error}")

@@ -74,6 +74,8 @@ class Counter(BaseModel):
     customer: str
     meter: str
     period_start: str  # the period's key (RFC 3339 start)
+    # The table it lives in: two stacks reporting to one Stripe account never share identifiers.
+    namespace: str = ""
     period_end: int  # Unix seconds, exclusive
     shard: int = 0
     quantity: int = 0  # every accepted unit
@@ -87,8 +89,8 @@ class Counter(BaseModel):
     @property
     def id(self) -> str:
         """Short and stable: the Stripe identifier's stem and the operators' handle."""
-        raw = f"{self.customer}\x1f{self.meter}\x1f{self.period_start}\x1f{self.shard}"
-        return f"umc_{hashlib.sha256(raw.encode()).hexdigest()[:32]}"
+        parts = (self.namespace, self.customer, self.meter, self.period_start, str(self.shard))
+        return f"umc_{hashlib.sha256(chr(31).join(parts).encode()).hexdigest()[:32]}"
 
     @property
     def unsent(self) -> int:
@@ -97,6 +99,7 @@ class Counter(BaseModel):
         return self.quantity - self.reported - self.quarantined - in_flight
 
     def identifier(self, decision: Decision) -> str:
+        """The decision's Stripe identifier: decision numbers never repeat on a counter."""
         return f"{self.id}.{decision.seq}"
 
 

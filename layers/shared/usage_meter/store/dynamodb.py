@@ -238,7 +238,7 @@ class DynamoStore:
         )
         totals: dict[str, tuple[int, int]] = {}
         for item in items:
-            counter = _to_counter(item)
+            counter = _to_counter(item, self._table)
             quantity, reported = totals.get(counter.meter, (0, 0))
             totals[counter.meter] = (quantity + counter.quantity, reported + counter.reported)
         return [MeterTotals(meter=m, quantity=q, reported=r) for m, (q, r) in totals.items()]
@@ -262,7 +262,7 @@ class DynamoStore:
 
     def _counters(self, keys: list[Item]) -> list[Counter]:
         # The index is eventually consistent: decisions are made on a consistent read.
-        counters = [_to_counter(item) for item in self._batch_get(keys)]
+        counters = [_to_counter(item, self._table) for item in self._batch_get(keys)]
         return sorted(counters, key=lambda c: (c.customer, c.meter, c.period_start, c.shard))
 
     def decide(self, counter: Counter, decision: Decision) -> bool:
@@ -355,7 +355,7 @@ class DynamoStore:
             )
         )
         keys = [{"pk": m["counter_pk"], "sk": m["counter_sk"]} for m in markers]
-        counters = [_to_counter(item) for item in self._batch_get(keys)]
+        counters = [_to_counter(item, self._table) for item in self._batch_get(keys)]
         waiting = [c for c in counters if c.quarantined]
         return sorted(waiting, key=lambda c: (c.quarantined_at or 0, c.id))
 
@@ -372,7 +372,7 @@ class DynamoStore:
             Key={"pk": marker["counter_pk"], "sk": marker["counter_sk"]},
             ConsistentRead=True,
         ).get("Item")
-        return _to_counter(item) if item else None
+        return _to_counter(item, self._table) if item else None
 
     def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
         key = _key_of(counter)
@@ -582,7 +582,7 @@ def _to_api_key(item: Item) -> ApiKey:
     )
 
 
-def _to_counter(item: Item) -> Counter:
+def _to_counter(item: Item, namespace: str) -> Counter:
     def number(name: str) -> int:
         return int(item[name]["N"]) if name in item else 0
 
@@ -595,6 +595,7 @@ def _to_counter(item: Item) -> Counter:
             decided_at=number("sending_at"),
         )
     return Counter(
+        namespace=namespace,
         customer=item["customer"]["S"],
         meter=item["meter"]["S"],
         period_start=item["period_start"]["S"],
