@@ -2,7 +2,7 @@ import pytest
 import stripe
 
 from devtools.fake_stripe import FakeStripe
-from tests.faults.world import World
+from tests.faults.world import StripeClock, World
 
 
 @pytest.fixture(autouse=True)
@@ -13,12 +13,18 @@ def fast_sdk_retries(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def fake_stripe():
-    with FakeStripe() as server:
+def stripe_clock() -> StripeClock:
+    return StripeClock()
+
+
+@pytest.fixture(scope="session")
+def fake_stripe(stripe_clock):
+    # Stripe's clock follows each test's world clock (plus any skew the test sets).
+    with FakeStripe(now=stripe_clock) as server:
         yield server
 
 
 @pytest.fixture
-def world(local_table, fake_stripe) -> World:
+def world(local_table, fake_stripe, stripe_clock) -> World:
     fake_stripe.reset()
-    return World(local_table.name, local_table.endpoint_url, fake_stripe)
+    return World(local_table.name, local_table.endpoint_url, fake_stripe, stripe_clock)

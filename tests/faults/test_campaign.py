@@ -6,6 +6,6 @@ from tests.faults.campaign import holds, run_schedule
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_a_seeded_fault_schedule_loses_and_doubles_nothing(world, seed):
+def test_a_seeded_fault_schedule_keeps_the_invariant(world, seed):
     result = run_schedule(world, seed)
     assert holds(result), result

@@ -1,113 +1,218 @@
-"""One deterministic test per fault a production flush meets (issue 3). Each ends in the
-invariant: for every (customer, meter, period), Stripe's total (each identifier once) equals the
-accepted quantity; nothing left unreported except quarantined batches."""
+"""One deterministic test per fault a production flush meets (issue 9), on DynamoDB Local and the
+fake Stripe behind the real SDK. Each ends in the invariant (tests/faults/harness.py): Stripe's
+total per (customer, meter, period) equals the accepted units less the quarantined ones, the
+counters customers read agree with both, every Stripe event lies in its counter's period, and
+nothing is left in the backlog."""
 
 import random
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 
-from tests.faults.harness import Fault
-from usage_meter.logic.flush import FlushPolicy
+from tests.faults.harness import CLEAN, Fault, Pause
+from tests.faults.world import World, in_thread, run
+from usage_meter.logic.flush import IDENTIFIER_WINDOW, FlushPolicy
+from usage_meter.logic.periods import calendar_month
+from usage_meter.logic.quarantine import REPLAY_GUARD, ReplayRefused, replay
 
-CLEAN = {"lost": 0, "doubled": 0, "left_unreported": 0}
-NOW = int(time.time())
 
-
-def ten_events(
-    customer: str = "cus_F1", meter: str = "ai_messages", quantity: int = 3
-) -> list[dict]:
+def ten_events(world: World, customer: str = "cus_F1", meter: str = "ai_messages") -> list[dict]:
+    now = world.now()
     return [
         {
             "stripe_customer_id": customer,
             "meter": meter,
-            "quantity": quantity,
-            "timestamp": NOW - 60 - i,
+            "quantity": 3,
+            "timestamp": now - 60 - i,
             "idempotency_key": f"{customer}-{meter}-{i}",
         }
         for i in range(10)
     ]
 
 
-# -- the flush dies ------------------------------------------------------------------------------
+def one_event(world: World, key: str, quantity: int = 7, customer: str = "cus_F1") -> dict:
+    return {
+        "stripe_customer_id": customer,
+        "meter": "ai_messages",
+        "quantity": quantity,
+        "timestamp": world.now() - 5,
+        "idempotency_key": key,
+    }
+
+
+def seqs(world: World) -> list[int]:
+    return [int(e.identifier.rsplit(".", 1)[1]) for e in world.stripe.accepted()]
+
+
+# -- the flush dies between two steps --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("where", "fault"),
     [
-        ("after planning", Fault("update_item", 1, "crash")),
-        ("half-way through claiming", Fault("update_item", 5, "crash")),
-        (
-            "after claiming, before sending",
-            Fault("update_item", 11, "crash"),
-        ),  # the batch's own update
-        ("after Stripe accepted, before confirming", Fault("transact_write_items", 1, "crash")),
+        ("reading the backlog index", Fault("read_backlog", 1, "crash")),
+        ("reading the page's counters", Fault("read_counters", 1, "crash")),
+        ("after reading, before deciding", Fault("decide", 1, "crash")),
+        ("after deciding, before sending", Fault("decide", 1, "crash_after")),
+        ("after Stripe accepted, before confirming", Fault("confirm", 1, "crash")),
+        ("after confirming, before releasing", Fault("confirm", 1, "crash_after")),
+        ("while releasing", Fault("release", 1, "crash")),
+        ("after releasing", Fault("release", 1, "crash_after")),
     ],
 )
-def test_a_flush_killed_anywhere_is_finished_by_the_next_run_without_doubling(world, where, fault):
-    # Given ten events in one group
-    world.record(ten_events())
+def test_a_flush_killed_between_any_two_steps_is_finished_by_the_next_run(world, where, fault):
+    # Given ten events in one counter
+    world.record(ten_events(world))
     # When a flush is killed at `where`
     assert world.flush([fault]) is None
-    # Then the next runs finish the job, and Stripe bills it once
+    # Then the next runs finish the job, and Stripe bills it once, in one call's identifier
     world.settle()
     assert world.invariant() == CLEAN
-    assert len(world.stripe.accepted()) == 1
+    assert seqs(world) == [1]
 
 
 def test_a_kill_after_stripe_accepted_resends_the_same_identifier(world):
-    world.record(ten_events())
-    world.flush([Fault("transact_write_items", 1, "crash")])
+    world.record(ten_events(world))
+    world.flush([Fault("confirm", 1, "crash")])
     [first] = world.stripe.accepted()
     calls = world.stripe.calls
-    world.settle()
+    [summary] = world.settle()
     assert world.stripe.calls == calls + 1  # one resend, answered as already delivered
+    assert summary.resumed == 1 and summary.sent == 1
     assert [e.identifier for e in world.stripe.accepted()] == [first.identifier]
-
-
-# -- Stripe misbehaves ------------------------------------------------------------------------
-
-
-def test_stripe_500s_beyond_the_sdks_retries_leave_the_batch_for_the_next_run(world):
-    world.record(ten_events())
-    world.stripe.inject("server_error", count=3)
-    summary = world.flush()
-    assert summary.groups_deferred == 1 and summary.errors and world.stripe.accepted() == []
-    world.settle()
     assert world.invariant() == CLEAN
 
 
-def test_a_429_without_retry_after_is_retried_with_backoff_in_the_same_run(world):
-    world.record(ten_events())
+@pytest.mark.parametrize(
+    "fault", [Fault("quarantine", 1, "crash"), Fault("quarantine", 1, "crash_after")]
+)
+def test_a_flush_killed_around_a_quarantine_leaves_the_units_quarantined_once(world, fault):
+    world.record(ten_events(world, "cus_F1") + ten_events(world, "cus_F2"))
+    world.stripe.reject_customer("cus_F1")
+    world.flush([fault])
+    world.settle()
+    [counter] = world.quarantined()
+    assert counter.customer == "cus_F1" and counter.quarantined == 30
+    assert world.invariant() == CLEAN
+
+
+# -- DynamoDB applied a write but the caller could not tell -----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["retried", "lost"])
+@pytest.mark.parametrize("step", ["decide", "confirm", "release"])
+def test_a_write_applied_but_answered_as_a_failure_loses_and_doubles_nothing(world, step, kind):
+    # Given a write DynamoDB applied whose answer was lost: the SDK's retry failed its own
+    # condition (retried), or the caller saw a timeout (lost)
+    world.record(ten_events(world))
+    assert world.flush([Fault(step, 1, kind)]) is not None
+    world.settle()
+    # Then the next run recognises the state it finds: every unit billed once, nothing stranded
+    assert world.invariant() == CLEAN
+    assert seqs(world) == [1]
+
+
+@pytest.mark.parametrize("kind", ["retried", "lost", "conflict"])
+def test_a_quarantine_write_applied_lost_or_cancelled_quarantines_once(world, kind):
+    world.record(ten_events(world))
+    world.stripe.reject_customer("cus_F1")
+    world.flush([Fault("quarantine", 1, kind)])
+    world.settle()
+    [counter] = world.quarantined()
+    assert counter.quarantined == 30 and counter.sending is None
+    assert world.invariant() == CLEAN
+
+
+@pytest.mark.parametrize(
+    "step", ["read_backlog", "read_counters", "decide", "confirm", "release", "quarantine"]
+)
+def test_dynamodb_throttling_at_any_step_loses_nothing(world, step):
+    world.record(ten_events(world, "cus_F1") + ten_events(world, "cus_F2"))
+    world.stripe.reject_customer("cus_F2")  # so that a quarantine happens
+    summary = world.flush([Fault(step, 1, "throttle")])
+    assert summary is not None and summary.errors
+    world.settle()
+    assert world.invariant() == CLEAN
+    assert len(world.stripe.accepted()) == 1 and len(world.quarantined()) == 1
+
+
+# -- Stripe misbehaves -------------------------------------------------------------------------
+
+
+def test_stripe_500s_beyond_the_sdks_retries_leave_the_decision_for_the_next_run(world):
+    world.record(ten_events(world))
+    world.stripe.inject("server_error", count=3)
+    summary = world.flush()
+    assert summary.deferred == 1 and summary.errors and world.stripe.accepted() == []
+    [counter] = world.counters()
+    assert counter.sending is not None  # decided, in flight
+    world.settle()
+    assert world.invariant() == CLEAN and seqs(world) == [1]
+
+
+def test_a_500_stripe_saved_under_the_idempotency_key_does_not_pin_the_usage(world):
+    # Given Stripe answers the first call with a 500 it saves under the request's
+    # Idempotency-Key, and replays to the SDK's own retries (same key)
+    world.record(ten_events(world))
+    world.stripe.inject("saved_server_error")
+    summary = world.flush()
+    assert world.stripe.calls == 3  # the call and the SDK's two retries, all the saved 500
+    assert summary.deferred == 1 and summary.errors and world.stripe.accepted() == []
+    # When the next run resends the decision
+    second = world.flush()
+    # Then it delivers under the same identifier: a new call carries a new key
+    assert second.sent == 1 and second.resumed == 1
+    assert seqs(world) == [1]
+    assert world.invariant() == CLEAN
+
+
+def test_a_429_is_retried_with_backoff_in_the_same_run(world):
+    world.record(ten_events(world))
     world.stripe.inject("rate_limit", count=2)
     summary = world.flush()
-    assert summary.groups_sent == 1 and world.invariant() == CLEAN
+    assert summary.sent == 1 and world.invariant() == CLEAN
 
 
 def test_a_429_with_retry_after_waits_at_least_that_long(world):
-    world.record(ten_events())
+    world.record(ten_events(world))
     world.stripe.inject("rate_limit", retry_after=0.3)
     started = time.monotonic()
     summary = world.flush()
     assert time.monotonic() - started >= 0.3
-    assert summary.groups_sent == 1 and world.invariant() == CLEAN
+    assert summary.sent == 1 and world.invariant() == CLEAN
 
 
-def test_a_timeout_is_retried_under_the_same_idempotency_key(world):
-    world.record(ten_events())
+def test_a_timeout_is_billed_once(world):
+    world.record(ten_events(world))
     world.stripe.inject("delay", seconds=0.6)
     summary = world.flush(stripe_timeout=0.3)
+    # Stripe finishes the request the client gave up on: let it land in this test, not the next
+    time.sleep(0.6)
     world.settle()
-    assert summary is not None and world.invariant() == CLEAN and len(world.stripe.accepted()) == 1
+    assert summary is not None and world.invariant() == CLEAN and seqs(world) == [1]
 
 
-def test_a_lost_response_after_stripe_processed_the_event_bills_once(world):
-    world.record(ten_events())
-    world.stripe.inject("lost_response", count=3)  # the first and both SDK retries
-    world.flush()
-    world.settle()
-    assert world.invariant() == CLEAN and len(world.stripe.accepted()) == 1
+def test_lost_responses_after_stripe_processed_the_event_bill_once(world):
+    world.record(ten_events(world))
+    # Given Stripe processed the event and the answer never arrived (an SDK without retries: a
+    # retry under the same Idempotency-Key would get the saved answer)
+    world.stripe.inject("lost_response")
+    summary = world.flush(stripe_retries=0)
+    assert summary.deferred == 1 and len(world.stripe.accepted()) == 1
+    # When the next run resends the decision, Stripe answers "already exists": delivered
+    [second] = world.settle()
+    assert second.sent == 1 and second.resumed == 1
+    assert world.invariant() == CLEAN and seqs(world) == [1]
+
+
+def test_a_lost_response_retried_by_the_sdk_gets_the_saved_answer(world):
+    world.record(ten_events(world))
+    world.stripe.inject("lost_response")
+    summary = world.flush()
+    assert summary.sent == 1 and world.stripe.calls == 2
+    assert world.invariant() == CLEAN and seqs(world) == [1]
 
 
 @pytest.mark.parametrize(
@@ -118,125 +223,243 @@ def test_a_lost_response_after_stripe_processed_the_event_bills_once(world):
         ("meter_event_invalid_value", "Value is too large"),
     ],
 )
-def test_a_permanent_rejection_quarantines_that_batch_and_others_keep_flowing(world, code, message):
-    world.record(ten_events("cus_F1") + ten_events("cus_F2"))
+def test_a_permanent_rejection_quarantines_that_counter_and_others_keep_flowing(
+    world, code, message
+):
+    world.record(ten_events(world, "cus_F1") + ten_events(world, "cus_F2"))
     world.stripe.inject("reject", code=code, message=message, customer="cus_F1")
     summary = world.flush()
-    assert (summary.groups_quarantined, summary.groups_sent) == (1, 1)
-    [batch] = world.store.quarantined_batches()
-    assert batch.customer == "cus_F1" and batch.reason == f"{code}: {message}"
+    assert (summary.quarantined, summary.sent) == (1, 1)
+    [counter] = world.quarantined()
+    assert counter.customer == "cus_F1" and counter.quarantine_reason == f"{code}: {message}"
     # Quarantined usage is accounted for, never retried by later runs, and blocks nothing
     world.settle()
+    assert world.invariant() == CLEAN and len(world.quarantined()) == 1
+
+
+def test_a_timestamp_in_the_future_is_transient_not_quarantined(world):
+    # Given Stripe's clock runs 10 minutes behind ours: it refuses "now" as in the future
+    world.record(ten_events(world))
+    world.stripe_clock.skew = -600
+    summary = world.flush()
+    assert summary.deferred == 1 and summary.quarantined == 0 and world.quarantined() == []
+    # When the clocks agree again, the same decision is delivered
+    world.stripe_clock.skew = 0
+    world.settle()
+    assert world.invariant() == CLEAN and seqs(world) == [1]
+
+
+@pytest.mark.parametrize("when", ["mid-month", "two minutes before the month ends"])
+def test_an_event_recorded_5_minutes_ahead_with_stripe_3s_behind_is_billed_not_quarantined(
+    world, when
+):
+    month = calendar_month(datetime.now(UTC))
+    start = (
+        month.end.timestamp() - 120
+        if when.startswith("two")
+        else month.start.timestamp() + 14 * 86400
+    )
+    world.clock.set(start)
+    world.stripe_clock.skew = -3
+    # Given an event stamped 5 minutes ahead of the service's clock, and one stamped now
+    world.record(
+        [
+            {**one_event(world, "ahead"), "timestamp": world.now() + 300},
+            one_event(world, "now", quantity=1),
+        ]
+    )
+    first = world.flush()
+    assert first.quarantined == 0 and first.errors == []
+    # When the clock passes the event's period start (if it lies in the next period)
+    world.clock.advance(200)
+    world.settle()
+    # Then it is billed, inside its period, nothing quarantined
+    assert world.quarantined() == []
     assert world.invariant() == CLEAN
-    assert len(world.store.quarantined_batches()) == 1
+    assert sum(e.value for e in world.stripe.accepted()) == 8
 
 
-def test_a_replayed_quarantined_batch_is_billed_once_the_cause_is_fixed(world):
-    from usage_meter.logic.quarantine import replay
+# -- quarantine and replay ----------------------------------------------------------------
 
-    world.record(ten_events("cus_F1"))
+
+def test_a_replayed_quarantine_is_billed_once_the_cause_is_fixed(world):
+    world.record(ten_events(world))
     world.stripe.reject_customer("cus_F1")
     world.flush()
-    [batch] = world.store.quarantined_batches()
+    [counter] = world.quarantined()
+    # The guard: a run that read the decision may still be going
+    with pytest.raises(ReplayRefused):
+        replay(world.store, counter.id, now=world.now())
+    world.clock.advance(REPLAY_GUARD)
     world.stripe.accept_customer("cus_F1")  # the operator created the customer
-    replay(world.store, batch.id, now=int(time.time()))
+    replay(world.store, counter.id, now=world.now())
     world.settle()
-    assert world.store.quarantined_batches() == [] and world.invariant() == CLEAN
+    assert world.quarantined() == [] and world.invariant() == CLEAN
+    assert seqs(world) == [2]  # a fresh decision, a fresh identifier
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        "after deciding, before sending",
+        "backing off a 429",
+        "with Stripe's refusal, before quarantining",
+    ],
+)
+def test_a_stale_run_cannot_send_or_quarantine_a_decision_replayed_since(world, held):
+    # Given run A holds decision 1 (customer unknown to Stripe) at `held`
+    world.record(ten_events(world))
+    world.stripe.reject_customer("cus_F1")
+    if held == "after deciding, before sending":
+        pause = Pause("decided")
+        flusher, _ = world.flusher(tap=pause)
+    elif held == "backing off a 429":
+        world.stripe.inject("rate_limit")
+        pause = Pause("backoff")
+        flusher, _ = world.flusher(sleep=lambda seconds: pause("backoff"))
+    else:
+        pause = Pause("answered")
+        flusher, _ = world.flusher(tap=pause)
+    thread, out = in_thread(lambda: run(flusher))
+    assert pause.reached.wait(30)
+    # and run B resends decision 1, Stripe refuses it, B quarantines it
+    b = world.flush()
+    assert b.quarantined == 1
+    # When, after the replay guard, the operator fixes the customer and replays
+    world.clock.advance(REPLAY_GUARD + 1)
+    world.stripe.accept_customer("cus_F1")
+    [counter] = world.quarantined()
+    replay(world.store, counter.id, now=world.now())
+    # and run C bills the replayed units under decision 2
+    c = world.flush()
+    assert c.sent == 1 and seqs(world) == [2]
+    calls = world.stripe.calls
+    # Then A, resumed, can neither send decision 1 nor quarantine it
+    pause.resume()
+    thread.join(30)
+    [summary_a] = out
+    world.settle()
+    assert world.invariant() == CLEAN and seqs(world) == [2]
+    assert world.quarantined() == []
+    assert summary_a.sent == 0 and summary_a.quarantined == 0
+    assert world.stripe.calls == calls
+
+
+def test_a_stale_confirm_after_another_run_confirmed_changes_nothing(world):
+    # Given run A got Stripe's acceptance of decision 1 and stalls before confirming
+    world.record(ten_events(world))
+    pause = Pause("answered")
+    flusher, _ = world.flusher(tap=pause)
+    thread, out = in_thread(lambda: run(flusher))
+    assert pause.reached.wait(30)
+    # and run B resends it ("already exists"), confirms, and new usage is billed after
+    b = world.flush()
+    assert b.sent == 1 and b.resumed == 1
+    world.record([one_event(world, "later")])
+    world.flush()
+    assert seqs(world) == [1, 2]
+    # When A confirms decision 1 late
+    pause.resume()
+    thread.join(30)
+    [summary_a] = out
+    # Then nothing changes: reported counts each unit once
+    assert summary_a.sent == 0
+    world.settle()
+    assert world.invariant() == CLEAN
+
+
+# -- recording never stops ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        ("read", "reading and deciding"),
+        ("decided", "deciding and sending"),
+        ("answered", "sending and confirming"),
+        ("confirmed", "confirming and releasing"),
+    ],
+    ids=lambda b: b[1],
+)
+def test_an_event_recorded_between_two_steps_of_a_flush_is_counted_once(world, between):
+    point, _ = between
+    world.record(ten_events(world))
+    recorded = []
+
+    def record_once(at: str, subject: object) -> None:
+        if at == point and not recorded:
+            recorded.append(at)
+            world.record([one_event(world, f"during-{point}")])
+
+    summary = world.flush(tap=record_once)
+    assert recorded and summary.sent == 1 and summary.errors == []
+    world.settle()
+    assert world.invariant() == CLEAN
+    assert sum(e.value for e in world.stripe.accepted()) == 37
+    assert seqs(world) == [1, 2]
+
+
+def test_sustained_ingest_faster_than_a_run_still_drains(world):
+    # Given usage keeps arriving: a burst before every run and between every page a run reads,
+    # far more events than an old-design run (one claim per event) could take
+    rng = random.Random(7)
+    pairs = 12
+
+    def burst(at: str, subject: object) -> None:
+        if at == "read":
+            world.record_random(rng, 60, customers=pairs // 2)
+
+    runs = 5
+    for _ in range(runs):
+        world.record_random(rng, 150, customers=pairs // 2)
+        summary = world.flush(tap=burst)
+        assert summary.errors == [] and summary.deferred == 0
+    # Then each run reported every counter it read, once: Stripe calls follow the counters
+    counters = world.counters()
+    assert world.stripe.calls <= runs * len(counters)
+    # and once ingest stops, one run drains it all
+    final = world.flush()
+    assert final.errors == [] and world.backlog_size() == 0
+    assert world.invariant() == CLEAN
+
+
+def test_cost_follows_counters_not_events(world):
+    rng = random.Random(1)
+    for _ in range(10):
+        world.record(
+            {**one_event(world, f"k{rng.randrange(10**9)}"), "quantity": rng.randint(1, 9)}
+            for _ in range(100)
+        )
+    summary = world.flush()
+    assert summary.sent == 1 and world.stripe.calls == 1
+    assert world.invariant() == CLEAN
 
 
 # -- concurrency ---------------------------------------------------------------------------------
 
 
 def test_two_flushes_at_once_bill_every_unit_once(world):
-    rng = random.Random(3)
-    world.record_random(rng, 200, customers=6)
-    summaries = []
-    runs = [threading.Thread(target=lambda: summaries.append(world.flush())) for _ in range(2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join()
+    world.record_random(random.Random(3), 200, customers=6)
+    runs = [in_thread(lambda: world.flush()) for _ in range(2)]
+    for thread, _ in runs:
+        thread.join()
+    assert all(out[0] is not None for _, out in runs)
     world.settle()
     assert world.invariant() == CLEAN
-    assert (
-        world.stripe.max_concurrent_per_pair <= 2
-    )  # overlaps happen only across runs, and 429 is handled
+    # Overlaps happen only across runs, and the 429 they cause is retried
+    assert world.stripe.max_concurrent_per_pair <= 2
 
 
-def test_events_recorded_while_a_flush_runs_are_billed_once(world):
+def test_two_flushes_and_recording_at_once_bill_every_unit_once(world):
     rng = random.Random(5)
     world.record_random(rng, 100)
     recorder = threading.Thread(target=lambda: [world.record_random(rng, 20) for _ in range(5)])
+    flushes = [in_thread(lambda: world.flush()) for _ in range(2)]
     recorder.start()
-    world.flush()
     recorder.join()
+    for thread, _ in flushes:
+        thread.join()
     world.settle()
-    assert world.invariant() == CLEAN
-
-
-# -- DynamoDB misbehaves -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "fault",
-    [
-        Fault("put_item", 1, "throttle"),  # planning
-        Fault("update_item", 3, "throttle"),  # claiming
-        Fault("update_item", 11, "throttle"),  # fixing the batch after claiming
-        Fault("transact_write_items", 1, "throttle"),  # confirming
-    ],
-)
-def test_dynamodb_throttling_loses_nothing(world, fault):
-    world.record(ten_events())
-    summary = world.flush([fault])
-    assert summary is not None and summary.errors
-    world.settle()
-    assert world.invariant() == CLEAN and len(world.stripe.accepted()) == 1
-
-
-def test_a_cancelled_confirm_transaction_is_retried_in_the_same_run(world):
-    world.record(ten_events())
-    summary = world.flush([Fault("transact_write_items", 1, "conflict")])
-    assert summary.groups_sent == 1 and not summary.errors and world.invariant() == CLEAN
-
-
-@pytest.mark.parametrize(
-    ("step", "fault"),
-    [
-        ("planning", Fault("put_item", 1, "condition")),
-        ("claiming", Fault("update_item", 3, "condition")),
-        ("fixing the batch", Fault("update_item", 11, "condition")),
-        ("confirming", Fault("transact_write_items", 1, "condition")),
-    ],
-)
-def test_a_conditional_write_retried_after_a_lost_answer_loses_and_doubles_nothing(
-    world, step, fault
-):
-    # Given a write that DynamoDB applied, whose answer was lost, so the retry fails its condition
-    world.record(ten_events())
-    world.flush([fault])
-    world.settle()
-    # Then the flush recognises its own write: every unit billed once, nothing stranded
-    assert world.invariant() == CLEAN and len(world.stripe.accepted()) == 1
-
-
-def test_a_claim_that_loses_to_a_concurrent_batch_leaves_the_event_to_it(world):
-    from usage_meter.logic.flush import plan
-
-    # Given this run planned all ten events, and a concurrent run's batch took four of them
-    world.record(ten_events())
-    events = list(world.store.backlog())
-    [ours] = plan(events, NOW)
-    [theirs] = plan(events[:4], NOW)
-    world.store.create_batch(ours)
-    world.store.create_batch(theirs)
-    taken = world.store.claim(theirs)
-    world.store.mark_claimed(theirs, sum(q for q, _ in taken.values()), NOW, sorted(taken))
-    # When this run claims, four conditional writes fail
-    summary = world.flush()
-    # Then each batch is billed for its own events, each event once
-    assert summary.groups_sent == 2
-    assert world.store.get_batch(ours.id).quantity == 6 * 3
     assert world.invariant() == CLEAN
 
 
@@ -244,16 +467,52 @@ def test_a_claim_that_loses_to_a_concurrent_batch_leaves_the_event_to_it(world):
 
 
 def test_a_backlog_larger_than_one_run_stops_in_time_and_later_runs_finish(world):
-    # Given 3,000 events over many groups, and a Lambda with little time left
     rng = random.Random(11)
-    for _ in range(15):
-        world.record_random(rng, 200, customers=40)
-    deadline = time.monotonic() + 4.0
+    for _ in range(6):
+        world.record_random(rng, 200, customers=60)
+    # Given a Lambda whose time runs low after a few dozen counters
+    budget = iter([300.0] * 40)
     summary = world.flush(
-        time_left=lambda: deadline - time.monotonic(), policy=FlushPolicy(reserve_seconds=1.0)
+        time_left=lambda: next(budget, 0.0),
+        policy=FlushPolicy(reserve_seconds=1.0, backoff_base=0.01, backoff_cap=0.05),
     )
-    # Then the run stopped early, before its deadline, with consistent state
-    assert summary.stopped_early and time.monotonic() < deadline
-    # and later runs finish the job
+    # Then the run stops taking work, leaving consistent state
+    assert summary.stopped_early and summary.sent < summary.counters_read
     world.settle(runs=20)
+    assert world.invariant() == CLEAN
+
+
+def test_a_decision_unconfirmed_for_a_day_waits_for_an_operator(world):
+    # Given Stripe never answered decision 1 for a day
+    world.record(ten_events(world))
+    world.stripe.inject("server_error", count=3)
+    world.flush()
+    world.clock.advance(IDENTIFIER_WINDOW + 60)
+    # Then the next run does not resend it blind: it is quarantined, for an operator to check
+    summary = world.flush()
+    assert summary.quarantined == 1 and world.stripe.calls == 3
+    [counter] = world.quarantined()
+    assert counter.quarantine_reason.startswith("unconfirmed_decision")
+    world.settle()
+    assert world.invariant() == CLEAN and world.stripe.calls == 3
+    # and once the operator has checked Stripe and replays, it is billed once
+    world.clock.advance(REPLAY_GUARD)
+    replay(world.store, counter.id, now=world.now())
+    world.settle()
+    assert world.invariant() == CLEAN and seqs(world) == [2]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open question for the core: a permanent refusal of a RESENT decision is taken as "
+    "proof it was never delivered; if an earlier attempt was delivered (its answer lost) and "
+    "Stripe validates before it deduplicates, the units are billed and quarantined at once, "
+    "and a replay (new identifier) bills them twice",
+)
+def test_a_refused_resend_of_a_delivered_decision_is_not_quarantined(world):
+    world.record(ten_events(world))
+    world.stripe.inject("lost_response")
+    world.flush(stripe_retries=0)  # delivered, answer lost: decision 1 stays in flight
+    world.stripe.reject_customer("cus_F1")  # the fake refuses the customer before deduping
+    world.settle()
     assert world.invariant() == CLEAN

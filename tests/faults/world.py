@@ -1,9 +1,11 @@
 """A small usage-meter world for fault tests: a table on DynamoDB Local, the fake Stripe behind
-the real SDK, a ledger of accepted usage, and flush runs that can be made to fail."""
+the real SDK, one clock for the service and Stripe (which may run skewed), a ledger of accepted
+usage, and flush runs that can be killed, paused, or raced."""
 
 import random
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,10 +13,24 @@ import boto3
 from botocore.exceptions import ClientError
 
 from devtools.fake_stripe import FakeStripe
-from tests.faults.harness import Crash, Fault, FaultyDynamoDB, Ledger, check_invariant
+from tests.faults.harness import (
+    Crash,
+    Fault,
+    FaultyBilling,
+    FaultyDynamoDB,
+    Ledger,
+    Process,
+    Tap,
+    TappedStore,
+    all_counters,
+    backlog_size,
+    check_invariant,
+)
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.logic.flush import Flusher, FlushPolicy
+from usage_meter.logic.quarantine import ReplayRefused, replay
 from usage_meter.logic.record import record_events
+from usage_meter.models.domain import Counter
 from usage_meter.models.input import EventIn
 from usage_meter.models.output import FlushSummary
 from usage_meter.store.dynamodb import DynamoStore
@@ -23,13 +39,55 @@ METERS = {"ai_messages", "api_calls"}
 FAST = FlushPolicy(reserve_seconds=1.0, backoff_base=0.01, backoff_cap=0.05)
 
 
+class Clock:
+    """The service's clock: real time plus an offset that tests move forward."""
+
+    def __init__(self, at: float | None = None) -> None:
+        self._offset = 0.0 if at is None else at - time.time()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._offset += seconds
+
+    def set(self, at: float) -> None:
+        with self._lock:
+            self._offset = at - time.time()
+
+
+class StripeClock:
+    """The fake Stripe's clock: the current world's clock plus a skew (negative: behind)."""
+
+    def __init__(self) -> None:
+        self.clock: Callable[[], float] = time.time
+        self.skew = 0.0
+
+    def __call__(self) -> float:
+        return self.clock() + self.skew
+
+
 class World:
-    def __init__(self, table_name: str, endpoint_url: str, stripe: FakeStripe) -> None:
+    def __init__(
+        self,
+        table_name: str,
+        endpoint_url: str,
+        stripe: FakeStripe,
+        stripe_clock: StripeClock | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.table = table_name
         self.endpoint_url = endpoint_url
         self.stripe = stripe
+        self.clock = clock or Clock()
+        self.stripe_clock = stripe_clock or StripeClock()
+        self.stripe_clock.clock, self.stripe_clock.skew = self.clock, 0.0
         self.ledger = Ledger()
-        self.store = DynamoStore(table_name, client=self.client())
+        self.db = self.client()
+        self.store = DynamoStore(table_name, client=self.db, clock=self.clock)
 
     def client(self) -> Any:
         return boto3.client(
@@ -40,14 +98,18 @@ class World:
             aws_secret_access_key="local",
         )
 
-    def record(self, events: Iterable[dict[str, Any]], now: datetime | None = None) -> None:
+    def now(self) -> int:
+        return int(self.clock())
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def record(self, events: Iterable[dict[str, Any]], now: float | None = None) -> None:
+        at = datetime.fromtimestamp(self.clock() if now is None else now, UTC)
         requests = [EventIn.model_validate(e) for e in events]
-        results = record_events(
-            requests, meters=METERS, store=self.store, now=now or datetime.now(UTC), batch=True
-        )
+        results = record_events(requests, meters=METERS, store=self.store, now=at, batch=True)
         for request, result in zip(requests, results, strict=True):
             if not result.duplicate:
-                when = request.timestamp or now or datetime.now(UTC)
+                when = request.timestamp or at
                 self.ledger.add(
                     request.stripe_customer_id,
                     request.meter,
@@ -56,52 +118,107 @@ class World:
                 )
 
     def record_random(self, rng: random.Random, count: int, customers: int = 3) -> None:
-        now = int(time.time())
+        now = self.now()
         self.record(
             {
                 "stripe_customer_id": f"cus_F{rng.randrange(customers)}",
                 "meter": rng.choice(sorted(METERS)),
                 "quantity": rng.randint(1, 10 ** rng.randint(0, 6)),
                 "timestamp": now - rng.randrange(6 * 3600),
-                "idempotency_key": f"k{rng.randrange(10**9)}",
+                "idempotency_key": f"k{rng.randrange(10**12)}",
             }
             for _ in range(count)
         )
 
-    def flush(
+    # -- flushing ----------------------------------------------------------------------------
+
+    def flusher(
         self,
         faults: Iterable[Fault] = (),
         *,
-        time_left: Any = None,
+        tap: Tap | None = None,
+        time_left: Callable[[], float] | None = None,
         policy: FlushPolicy = FAST,
         stripe_timeout: float = 2.0,
-    ) -> FlushSummary | None:
-        """One run, as one Lambda invocation; None when it was killed or failed."""
-        store = DynamoStore(self.table, client=FaultyDynamoDB(self.client(), faults))
+        stripe_retries: int = 2,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> tuple[Flusher, FaultyDynamoDB]:
+        """One run, as one Lambda invocation, with its own clients."""
+        db = FaultyDynamoDB(self.client(), faults, Process())
+        store: Any = DynamoStore(self.table, client=db, clock=self.clock)
+        if tap is not None:
+            store = TappedStore(store, tap)
         billing = StripeMeterBilling(
             "sk_test_faults",
             api_base=self.stripe.url,
             timeout_seconds=stripe_timeout,
-            max_network_retries=2,
+            max_network_retries=stripe_retries,
             max_requests_per_second=1000,
         )
-        flusher = Flusher(store, billing, time_left=time_left or (lambda: 300.0), policy=policy)
-        try:
-            return flusher.run()
-        except (Crash, ClientError):  # killed, or failed reading the backlog: the invocation errs
-            return None
+        flusher = Flusher(
+            store,
+            FaultyBilling(billing, db.process, tap),
+            time_left=time_left or (lambda: 300.0),
+            clock=self.clock,
+            sleep=sleep,
+            policy=policy,
+        )
+        return flusher, db
 
-    def settle(self, runs: int = 5) -> None:
+    def flush(self, faults: Iterable[Fault] = (), **options: Any) -> FlushSummary | None:
+        """One run; None when it was killed or failed outright."""
+        flusher, _ = self.flusher(faults, **options)
+        return run(flusher)
+
+    def settle(self, runs: int = 6) -> list[FlushSummary]:
         """Later runs with no faults: what every deployment gets on the next schedule ticks."""
+        summaries = []
         for _ in range(runs):
             summary = self.flush()
             assert summary is not None
-            if (
-                not summary.errors
-                and summary.groups_deferred == 0
-                and not self.store.open_batches()
-            ):
-                return
+            summaries.append(summary)
+            if not summary.errors and not summary.deferred and not self.backlog_size():
+                break
+        return summaries
+
+    # -- operators ---------------------------------------------------------------------------
+
+    def quarantined(self) -> list[Counter]:
+        return list(self.store.quarantined())
+
+    def replay_all(self) -> int:
+        """An operator replays every quarantine the guard allows; returns how many."""
+        replayed = 0
+        for counter in self.store.quarantined():
+            try:
+                replay(self.store, counter.id, now=self.now())
+                replayed += 1
+            except ReplayRefused:
+                pass
+        return replayed
+
+    # -- checking ----------------------------------------------------------------------------
+
+    def counters(self) -> list[Counter]:
+        return all_counters(self.db, self.table)
+
+    def backlog_size(self) -> int:
+        return backlog_size(self.db, self.table)
 
     def invariant(self) -> dict[str, int]:
-        return check_invariant(self.ledger, self.stripe, self.store)
+        return check_invariant(self.ledger, self.stripe, self.store, self.db, self.table)
+
+
+def run(flusher: Flusher) -> FlushSummary | None:
+    try:
+        return flusher.run()
+    except (Crash, ClientError):  # killed, or failed outright: the invocation errs
+        return None
+
+
+def in_thread(target: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Start `target(*args)` in a thread; the list receives its result."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(target(*args)), daemon=True)
+    thread.start()
+    return thread, out
