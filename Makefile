@@ -76,7 +76,8 @@ campaign: setup ## the randomized fault campaign (SEEDS=200): exits 1 if any uni
 admin: setup ## operators' command on a deployed table, e.g. make admin ARGS="--table T quarantine list"
 	PYTHONPATH=layers/shared $(PY) -m usage_meter.admin $(ARGS)
 
-bench: setup ## benchmarks (cold-start imports, read cost, flush throughput)
+bench: setup ## issue 9's figures, old design (bc33e96) vs this tree, into the README; then micro benchmarks
+	PYTHONPATH=layers/shared:. $(PY) -m benchmarks.compare $(ARGS)
 	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
 
 clean: ## remove build output and local data

@@ -89,8 +89,8 @@ def run(stack: LocalStack, customers: list[str]) -> int:
         return 1
     for function, summary in flushed.json().items():
         _say(
-            f"flushed         {function}: {summary['groups_sent']} Stripe meter events for "
-            f"{summary['events_reported']} usage events ({summary['units_reported']} units)"
+            f"flushed         {function}: {summary['sent']} Stripe meter events, one per "
+            f"(customer, meter, period) counter, {summary['units_reported']} units"
         )
     if stack.stripe:
         _say(f"Stripe received {stack.stripe.totals()}")

@@ -2,10 +2,10 @@
 
 A stack of its own runs every function in its own Lambda runtime, signing with its own
 credentials, behind IAM gates that enforce each role (devtools.iam), with both secrets in a local
-Secrets Manager as deployed. A tour drives every route, replay, conflict, flush, quarantine and
-operator command through it. Then each function's calls must all be allowed (a missing grant is a
-500 deployed), and each grant in its role must have been used (a grant nothing uses is a
-privilege nobody needs).
+Secrets Manager as deployed. A tour drives every route, replay, conflict, flush (decide, send,
+confirm, release, quarantine, resume) and operator command through it. Then each function's
+calls must all be allowed (a missing grant is a 500 deployed), and each grant in its role must
+have been used (a grant nothing uses is a privilege nobody needs).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 import requests
 
 from devtools.iam import Call, Role, Statement
 from devtools.local_stack import LocalStack, StackOptions, function_credentials
 from usage_meter import admin
+from usage_meter.logic.quarantine import REPLAY_GUARD
 
 pytestmark = pytest.mark.slow
 OPERATOR = "OperatorPolicy"  # the operators' command signs as the managed policy's holder
@@ -48,6 +50,34 @@ def operator(stack: LocalStack, monkeypatch: pytest.MonkeyPatch, *argv: str) -> 
     monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", stack.backends.dynamodb_url)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return admin.main(["--table", stack.backends.table_name, *argv])
+
+
+def backdate_quarantines(stack: LocalStack, seconds: int) -> None:
+    """Move every quarantine's time back, writing to DynamoDB Local directly (not through a
+    gate): the test's stand-in for waiting out the replay guard."""
+
+    assert stack.backends is not None
+    engine = boto3.client(
+        "dynamodb",
+        endpoint_url=stack.iam_gates[0].upstream.geturl(),
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    table = stack.backends.table_name
+    markers = engine.query(
+        TableName=table,
+        KeyConditionExpression="pk = :q",
+        ExpressionAttributeValues={":q": {"S": "QUARANTINE"}},
+    )["Items"]
+    assert markers
+    for marker in markers:
+        engine.update_item(
+            TableName=table,
+            Key={"pk": marker["counter_pk"], "sk": marker["counter_sk"]},
+            UpdateExpression="SET quarantined_at = quarantined_at - :d",
+            ExpressionAttributeValues={":d": {"N": str(seconds)}},
+        )
 
 
 def event(customer: str, quantity: int, key: str) -> dict:
@@ -93,23 +123,39 @@ def toured(iam_stack: LocalStack) -> list[Call]:
     send("POST", "/v1/events", 401, event("cus_IamA", 1, "x"), Authorization="Bearer umk_x")
     send("POST", "/v1/events", 401, Authorization="Bearer umk_000000000000_" + "A" * 43)
     send("OPTIONS", "/v1/customers/cus_IamA/usage", 204, Origin="http://localhost:3000")
-    # flush: the answer to its first batch write is lost and the SDK retries it, meeting the
-    # batch already there (the run re-reads it); Stripe refuses cus_IamGone for good: quarantined
-    stack.iam_gates[0].fail("FlushFunction", "PutItem", applied=True)
+    # flush: Stripe refuses cus_IamGone for good, and the answer to its quarantine (a
+    # transaction: the counter's update and the marker's put) is lost; the SDK retries it with
+    # the same ClientRequestToken, which the table applies once
+    gate = stack.iam_gates[0]
+    gate.fail("FlushFunction", "TransactWriteItems", applied=True)
     stack.stripe.reject_customer("cus_IamGone")
     [run] = stack.run_schedules()
-    assert run.error is None and run.result["groups_quarantined"] == 1, run
-    # operators: status, keys, quarantine list and replay; then the flush sends the replay
+    assert run.error is None, run
+    assert (run.result["sent"], run.result["quarantined"]) == (1, 1), run
+    # operators: status, keys, quarantine list; a replay right after the quarantine is refused
     with pytest.MonkeyPatch.context() as env:
         assert operator(stack, env, "status") == 0
         assert operator(stack, env, "keys", "create", "--name", "ops", "--scopes", "read") == 0
         assert operator(stack, env, "keys", "list") == 0
         assert operator(stack, env, "keys", "revoke", "000000000000") == 1
         assert operator(stack, env, "quarantine", "list") == 0
+        assert operator(stack, env, "quarantine", "replay", "--all") == 1
+    # The guard's 15 minutes pass: the quarantine's time is moved back in the engine itself,
+    # behind the gates, so no principal's calls change. Then the replay goes through.
+    backdate_quarantines(stack, REPLAY_GUARD + 60)
+    with pytest.MonkeyPatch.context() as env:
         assert operator(stack, env, "quarantine", "replay", "--all") == 0
+    # the next run decides again, but the answer to that decision is lost: the SDK's retry
+    # finds it written and the run leaves it; the run after resumes it, same identifier
     stack.stripe.accept_customer("cus_IamGone")
+    gate.fail("FlushFunction", "UpdateItem", applied=True)
     [run] = stack.run_schedules()
-    assert run.error is None and run.result["groups_sent"] == 1, run
+    assert run.error is None and (run.result["counters_read"], run.result["sent"]) == (1, 0), run
+    [run] = stack.run_schedules()
+    assert run.error is None and (run.result["resumed"], run.result["sent"]) == (1, 1), run
+    assert stack.stripe.totals()[("cus_IamGone", "ai_messages")] == 4
+    [delivered] = [e for e in stack.stripe.accepted() if e.customer == "cus_IamGone"]
+    assert delivered.identifier.endswith(".2")  # decision 1 was refused: a new identifier
     return [call for gate in stack.iam_gates for call in gate.calls]
 
 
@@ -178,8 +224,6 @@ def test_a_missing_grant_answers_500_as_it_would_deployed(iam_stack):
 
 def test_the_gate_refuses_with_awss_error(iam_stack):
     # Given a client signing as the authorizer, which may read only APIKEY# items
-    import boto3
-
     stack = iam_stack
     assert stack.backends is not None
     client = boto3.client(

@@ -42,10 +42,18 @@ def recent_times(count: int, rng: random.Random) -> list[int]:
     return [int(now.timestamp()) - rng.randint(0, span) for _ in range(count)]
 
 
-def test_a_thousand_events_are_billed_once_per_group_and_read_back(handlers, stripe):
+def period_of(timestamp: int) -> tuple[int, int]:
+    """The calendar month holding timestamp: its start and end, Unix seconds."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+def test_a_thousand_events_are_billed_with_one_stripe_call_per_pair_and_read_back(handlers, stripe):
     rng = random.Random(20261126)
     accepted: Counter[tuple[str, str]] = Counter()
-    groups: set[tuple[str, str, int]] = set()
+    pairs: set[tuple[str, str, tuple[int, int]]] = set()
     sent: list[dict] = []
     # Given 1,000 events over 5 customers and 2 meters, some in batches
     for i, when in enumerate(recent_times(1000, rng)):
@@ -67,7 +75,7 @@ def test_a_thousand_events_are_billed_once_per_group_and_read_back(handlers, str
         assert call(handlers["record"], http_event("POST", "/v1/events", body))["statusCode"] == 202
     for body in sent:
         accepted[(body["stripe_customer_id"], body["meter"])] += body["quantity"]
-        groups.add((body["stripe_customer_id"], body["meter"], body["timestamp"] // 3600))
+        pairs.add((body["stripe_customer_id"], body["meter"], period_of(body["timestamp"])))
     # and replays, conflicting replays and bad requests that must change nothing
     for body in rng.sample(sent, 50):
         response = call(handlers["record"], http_event("POST", "/v1/events", body))
@@ -91,17 +99,24 @@ def test_a_thousand_events_are_billed_once_per_group_and_read_back(handlers, str
     # When the flush runs
     summary = call(handlers["flush"], {})
 
-    # Then Stripe holds exactly the accepted quantities, one call per (customer, meter, hour)
+    # Then Stripe holds exactly the accepted quantities, from one call per (customer, meter,
+    # period) pair with usage, whatever the number of events
     assert stripe.totals() == dict(accepted)
-    assert stripe.calls == len(groups) == summary["groups_sent"]
-    assert summary["events_reported"] == 1000 and summary["groups_quarantined"] == 0
-    # and each Stripe event carries a time inside its own hour
-    for event in stripe.accepted():
-        assert (event.customer, event.event_name, event.timestamp // 3600) in groups
+    assert stripe.calls == len(pairs) == summary["sent"] == summary["counters_read"]
+    assert summary["units_reported"] == sum(accepted.values())
+    assert (summary["quarantined"], summary["deferred"], summary["errors"]) == (0, 0, [])
+    assert summary["released"] == len(pairs)
+    # and each Stripe event carries a time inside its own period, under its own identifier
+    delivered = stripe.accepted()
+    assert len({event.identifier for event in delivered}) == len(delivered)
+    for event in delivered:
+        [period] = [p for c, m, p in pairs if (c, m) == (event.customer, event.event_name)]
+        assert period[0] <= event.timestamp < period[1]
 
-    # When it runs again, nothing is sent
-    assert call(handlers["flush"], {})["groups_sent"] == 0
-    assert stripe.calls == len(groups)
+    # When it runs again, nothing is read and nothing is sent
+    again = call(handlers["flush"], {})
+    assert (again["counters_read"], again["sent"]) == (0, 0)
+    assert stripe.calls == len(pairs)
 
     # And the portal reads the same totals, all reported
     by_customer: dict[str, dict[str, int]] = defaultdict(dict)

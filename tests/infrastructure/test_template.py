@@ -119,7 +119,53 @@ def test_the_table_is_on_demand_recoverable_expiring_with_a_sparse_index():
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
     assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
     [index] = table["GlobalSecondaryIndexes"]
-    assert index["IndexName"] == "unreported" and index["Projection"]["ProjectionType"] == "INCLUDE"
+    # Keys only: the flush reads each counter consistently anyway, and a record into a counter
+    # already in the backlog then writes nothing to the index.
+    assert index["IndexName"] == "backlog"
+    assert index["Projection"] == {"ProjectionType": "KEYS_ONLY"}
+    assert index["KeySchema"] == [
+        {"AttributeName": "backlog_pk", "KeyType": "HASH"},
+        {"AttributeName": "backlog_sk", "KeyType": "RANGE"},
+    ]
+
+
+def table_grants(transformed: dict[str, Any], function: str) -> dict[str, set[str]]:
+    """DynamoDB action -> the resources granted it, as written in the role."""
+    grants: dict[str, set[str]] = {}
+    for statement in statements(transformed, function):
+        acts = statement["Action"]
+        resources = statement["Resource"]
+        for action in [acts] if isinstance(acts, str) else acts:
+            if action.startswith("dynamodb:"):
+                for resource in resources if isinstance(resources, list) else [resources]:
+                    grants.setdefault(action, set()).add(str(resource))
+    return grants
+
+
+def test_the_flush_queries_only_the_backlog_index_and_writes_only_counters_and_markers(
+    transformed,
+):
+    grants = table_grants(transformed, "FlushFunction")
+    table = str({"Fn::GetAtt": ["UsageTable", "Arn"]})
+    # Query the index; read counters in batches; decide, confirm, release, quarantine (whose
+    # marker is a put). Nothing scans, deletes or queries the table itself.
+    assert grants == {
+        "dynamodb:Query": {str({"Fn::Sub": "${UsageTable.Arn}/index/backlog"})},
+        "dynamodb:BatchGetItem": {table},
+        "dynamodb:PutItem": {table},
+        "dynamodb:UpdateItem": {table},
+    }
+
+
+def test_the_quarantine_alarm_watches_the_metric_the_flush_emits():
+    template = load_template()
+    alarm = template["Resources"]["QuarantineAlarm"]["Properties"]
+    namespace = template["Globals"]["Function"]["Environment"]["Variables"][
+        "POWERTOOLS_METRICS_NAMESPACE"
+    ]
+    flush_code = (ROOT / "functions" / "flush" / "app.py").read_text()
+    assert (alarm["Namespace"], alarm["MetricName"]) == (namespace, "CountersQuarantined")
+    assert 'name="CountersQuarantined"' in flush_code
 
 
 def test_the_flush_runs_on_a_schedule_parameter(transformed):

@@ -16,7 +16,7 @@ import pytest
 from devtools.dynamodb_local import DynamoDBLocal, DynamoDBLocalError
 from devtools.template import TableHandle, create_usage_table, load_template
 
-INDEX = "unreported"
+INDEX = "backlog"
 
 
 def _usage_table_properties() -> dict[str, Any]:
@@ -35,16 +35,20 @@ def _backlog(table: TableHandle, backlog_pk: str) -> list[dict[str, Any]]:
     return items
 
 
-def _event(pk: str, *, backlog: bool) -> dict[str, Any]:
+COUNTER_SK = "PERIOD#2026-11-01T00:00:00Z#METER#api_calls#0"
+
+
+def _counter(pk: str, *, backlog: bool) -> dict[str, Any]:
+    """A period counter, shaped as the store writes it."""
     item = {
         "pk": {"S": pk},
-        "sk": {"S": "EVENT"},
+        "sk": {"S": COUNTER_SK},
         "customer": {"S": "cus_1"},
         "meter": {"S": "api_calls"},
         "quantity": {"N": "3"},
     }
     if backlog:
-        item |= {"backlog_pk": {"S": "U#0"}, "backlog_sk": {"S": f"2026-11-26T10:00:00Z#{pk}"}}
+        item |= {"backlog_pk": {"S": "U#0"}, "backlog_sk": {"S": COUNTER_SK}}
     return item
 
 
@@ -56,7 +60,7 @@ def _is_alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has already exited
 
 
-def test_engine_serves_table_with_the_templates_unreported_index(local_table: TableHandle) -> None:
+def test_engine_serves_table_with_the_templates_backlog_index(local_table: TableHandle) -> None:
     # Given the table created from template.yaml on DynamoDB Local
     expected = next(
         index
@@ -67,13 +71,10 @@ def test_engine_serves_table_with_the_templates_unreported_index(local_table: Ta
     # When the engine describes it
     table = local_table.client.describe_table(TableName=local_table.name)["Table"]
 
-    # Then the unreported index has the template's key schema and INCLUDE projection
+    # Then the backlog index has the template's key schema and projects keys only
     (index,) = [i for i in table["GlobalSecondaryIndexes"] if i["IndexName"] == INDEX]
     assert index["KeySchema"] == expected["KeySchema"]
-    assert index["Projection"]["ProjectionType"] == "INCLUDE"
-    assert sorted(index["Projection"]["NonKeyAttributes"]) == sorted(
-        expected["Projection"]["NonKeyAttributes"]
-    )
+    assert index["Projection"] == {"ProjectionType": "KEYS_ONLY"} == expected["Projection"]
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
 
 
@@ -91,42 +92,50 @@ def test_ttl_is_enabled_on_expires_at(local_table: TableHandle) -> None:
 
 
 def test_item_without_backlog_keys_is_not_in_the_index(local_table: TableHandle) -> None:
-    # Given an event without backlog_pk/backlog_sk
-    local_table.client.put_item(TableName=local_table.name, Item=_event("E#1", backlog=False))
+    # Given a counter without backlog_pk/backlog_sk
+    local_table.client.put_item(TableName=local_table.name, Item=_counter("E#1", backlog=False))
 
     # When the backlog shard is queried
     # Then the index does not hold it
     assert _backlog(local_table, "U#0") == []
 
 
-def test_item_with_backlog_keys_is_in_the_index(local_table: TableHandle) -> None:
-    # Given an event carrying backlog_pk/backlog_sk
-    local_table.client.put_item(TableName=local_table.name, Item=_event("E#2", backlog=True))
+def test_item_with_backlog_keys_is_in_the_index_with_its_keys_only(
+    local_table: TableHandle,
+) -> None:
+    # Given a counter carrying backlog_pk/backlog_sk
+    local_table.client.put_item(TableName=local_table.name, Item=_counter("E#2", backlog=True))
 
     # When the backlog shard is queried
     items = _backlog(local_table, "U#0")
 
-    # Then the index holds it, with the projected attributes
-    assert [item["pk"]["S"] for item in items] == ["E#2"]
-    assert items[0]["quantity"] == {"N": "3"}
+    # Then the index holds it, keys only: the flush reads the counter itself, consistently
+    assert items == [
+        {
+            "pk": {"S": "E#2"},
+            "sk": {"S": COUNTER_SK},
+            "backlog_pk": {"S": "U#0"},
+            "backlog_sk": {"S": COUNTER_SK},
+        }
+    ]
 
 
 def test_removing_backlog_keys_takes_the_item_out_of_the_index(local_table: TableHandle) -> None:
-    # Given an event in the backlog
-    local_table.client.put_item(TableName=local_table.name, Item=_event("E#3", backlog=True))
+    # Given a counter in the backlog
+    local_table.client.put_item(TableName=local_table.name, Item=_counter("E#3", backlog=True))
     assert len(_backlog(local_table, "U#0")) == 1
 
-    # When its backlog keys are removed, as reporting does
+    # When its backlog keys are removed, as the flush's release does
     local_table.client.update_item(
         TableName=local_table.name,
-        Key={"pk": {"S": "E#3"}, "sk": {"S": "EVENT"}},
+        Key={"pk": {"S": "E#3"}, "sk": {"S": COUNTER_SK}},
         UpdateExpression="REMOVE backlog_pk, backlog_sk",
     )
 
     # Then it leaves the index but stays in the table
     assert _backlog(local_table, "U#0") == []
     item = local_table.client.get_item(
-        TableName=local_table.name, Key={"pk": {"S": "E#3"}, "sk": {"S": "EVENT"}}
+        TableName=local_table.name, Key={"pk": {"S": "E#3"}, "sk": {"S": COUNTER_SK}}
     )
     assert item["Item"]["quantity"] == {"N": "3"}
 
@@ -136,7 +145,7 @@ def test_data_dir_keeps_tables_across_restarts(tmp_path: Path) -> None:
     engine = DynamoDBLocal(data_dir=tmp_path / "dynamodb")
     with engine:
         create_usage_table(engine.client(), "kept")
-        engine.client().put_item(TableName="kept", Item=_event("E#4", backlog=True))
+        engine.client().put_item(TableName="kept", Item=_counter("E#4", backlog=True))
 
     # When the engine is stopped and started again
     with engine:

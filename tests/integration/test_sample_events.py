@@ -33,7 +33,9 @@ def test_the_sample_events_record_flush_and_read(env):
     assert invoke("record", "record-event.json")["statusCode"] == 200  # its replay
     assert invoke("record", "record-batch.json")["statusCode"] == 202
     summary = invoke("flush", "flush-schedule.json")
-    assert summary["events_reported"] == 4 and env.totals()[("cus_Q1w2E3r4", "ai_messages")] == 5
+    # 4 events over 3 (customer, meter, period) pairs: one Stripe call per pair
+    assert (summary["sent"], summary["units_reported"], env.calls) == (3, 46, 3)
+    assert env.totals()[("cus_Q1w2E3r4", "ai_messages")] == 5
     usage = json.loads(invoke("read", "read-usage.json")["body"])
     token = json.loads(invoke("read", "issue-portal-token.json")["body"])["token"]
     assert token.startswith("upt_")

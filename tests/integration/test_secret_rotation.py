@@ -86,7 +86,7 @@ def test_a_warm_flush_uses_a_rotated_stripe_key_once_max_age_has_passed(
     fake, name = stripe
     flush = warm("flush", monkeypatch, clock)
     record("cus_A")
-    assert flush.lambda_handler({}, LambdaContext())["events_reported"] == 1
+    assert flush.lambda_handler({}, LambdaContext())["units_reported"] == 1
     # When the key is rotated (and the old one expires), and max_age passes
     env.put_secret_value(SecretId=name, SecretString=NEW_KEY)
     fake.expire_api_key(OLD_KEY)
@@ -94,7 +94,7 @@ def test_a_warm_flush_uses_a_rotated_stripe_key_once_max_age_has_passed(
     record("cus_B")
     summary = flush.lambda_handler({}, LambdaContext())
     # Then the same container reports with the new key, without a failed run
-    assert summary["events_reported"] == 1 and summary["errors"] == []
+    assert summary["units_reported"] == 1 and summary["errors"] == []
     assert {event.customer for event in fake.accepted()} == {"cus_A", "cus_B"}
 
 
@@ -114,7 +114,7 @@ def test_a_flush_whose_key_stripe_refuses_fetches_the_key_again_for_the_next_run
         flush.lambda_handler({}, LambdaContext())
     # Then the next run, still within max_age, fetches the new key and reports
     summary = flush.lambda_handler({}, LambdaContext())
-    assert summary["events_reported"] == 1 and summary["errors"] == []
+    assert summary["units_reported"] == 1 and summary["errors"] == []
 
 
 def test_warm_runs_share_one_stripe_client_until_the_key_changes(stripe, env, monkeypatch, clock):

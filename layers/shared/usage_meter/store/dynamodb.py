@@ -418,9 +418,11 @@ class DynamoStore:
                         "Key": target,
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
                         " period_start = :p, period_end = :e, counter_shard = :h,"
+                        " expires_at = if_not_exists(expires_at, :x),"
                         " backlog_pk = if_not_exists(backlog_pk, :bp),"
                         " backlog_sk = if_not_exists(backlog_sk, :bs)",
                         "ExpressionAttributeValues": {
+                            ":x": _n(int(self._clock()) + self._retention + 62 * DAY),
                             ":q": units,
                             ":c": _s(restamp_to.customer),
                             ":m": _s(restamp_to.meter),
