@@ -29,7 +29,7 @@ INDEX = "backlog"
 SHARDS = 16
 # A (customer, meter, period) counter takes its writes on shard 0; a write that meets another
 # transaction on it moves to one of the others, so a hot pair spreads over this many items.
-COUNTER_SHARDS = 8
+COUNTER_SHARDS = 16
 # How long a record request keeps retrying a contended transaction before it answers 503.
 WRITE_BUDGET_SECONDS = 3.0
 SPREAD_SECONDS = 60  # how long a container keeps writing a contended pair to its other shard
