@@ -100,10 +100,14 @@ class InMemoryStore:
                 counter, holds, reported=stored.reported + decision.value, sending=None
             )
 
-    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+    def quarantine(
+        self, counter: Counter, decision: Decision, reason: str, at: int, *, hold: bool = False
+    ) -> bool:
         with self.lock:
             stored = self.counters[key_of(counter)]
             holds = stored.sending is not None and stored.sending.seq == decision.seq
+            if hold:
+                holds = holds and stored.held is None
             return self._swap(
                 counter,
                 holds,
@@ -111,6 +115,7 @@ class InMemoryStore:
                 quarantine_reason=reason,
                 quarantined_at=at,
                 sending=None,
+                held=decision if hold else stored.held,
             )
 
     def release(self, counter: Counter) -> bool:
@@ -140,7 +145,9 @@ class InMemoryStore:
     def quarantined_counter(self, counter_id: str) -> Counter | None:
         return next((c for c in self.quarantined() if c.id == counter_id), None)
 
-    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
+    def replay(
+        self, counter: Counter, *, restamp_to: Counter | None = None, resend: bool = False
+    ) -> bool:
         with self.lock:
             key = key_of(counter)
             stored = self.counters[key]
@@ -154,8 +161,14 @@ class InMemoryStore:
                 "quarantined": 0,
                 "quarantine_reason": None,
                 "quarantined_at": None,
+                "held": None,
             }
-            if restamp_to is None:
+            if resend and counter.held is not None:
+                if stored.sending is not None or stored.held != counter.held:
+                    return False
+                changes["sending"] = counter.held
+                self.in_backlog.add(key)
+            elif restamp_to is None:
                 self.in_backlog.add(key)
             else:
                 changes["quantity"] = stored.quantity - units
@@ -209,9 +222,11 @@ class HookedStore(InMemoryStore):
         self._fire("after", "confirm")
         return done
 
-    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+    def quarantine(
+        self, counter: Counter, decision: Decision, reason: str, at: int, *, hold: bool = False
+    ) -> bool:
         self._fire("before", "quarantine")
-        done = super().quarantine(counter, decision, reason, at)
+        done = super().quarantine(counter, decision, reason, at, hold=hold)
         self._fire("after", "quarantine")
         return done
 

@@ -322,7 +322,7 @@ def test_a_stale_run_cannot_send_or_quarantine_a_decision_replayed_since(world, 
         flusher, _ = world.flusher(tap=pause)
     thread, out = in_thread(lambda: run(flusher))
     assert pause.reached.wait(30)
-    # and run B resends decision 1, Stripe refuses it, B quarantines it
+    # and run B resends decision 1, Stripe refuses it, B quarantines it (held: a resend)
     b = world.flush()
     assert b.quarantined == 1
     # When, after the replay guard, the operator fixes the customer and replays
@@ -330,16 +330,16 @@ def test_a_stale_run_cannot_send_or_quarantine_a_decision_replayed_since(world, 
     world.stripe.accept_customer("cus_F1")
     [counter] = world.quarantined()
     replay(world.store, counter.id, now=world.now())
-    # and run C bills the replayed units under decision 2
+    # and run C sends the replayed decision 1 again, as it was
     c = world.flush()
-    assert c.sent == 1 and seqs(world) == [2]
+    assert c.sent == 1 and seqs(world) == [1]
     calls = world.stripe.calls
     # Then A, resumed, can neither send decision 1 nor quarantine it
     pause.resume()
     thread.join(30)
     [summary_a] = out
     world.settle()
-    assert world.invariant() == CLEAN and seqs(world) == [2]
+    assert world.invariant() == CLEAN and seqs(world) == [1]
     assert world.quarantined() == []
     assert summary_a.sent == 0 and summary_a.quarantined == 0
     assert world.stripe.calls == calls
@@ -502,17 +502,23 @@ def test_a_decision_unconfirmed_for_a_day_waits_for_an_operator(world):
     assert world.invariant() == CLEAN and seqs(world) == [2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open question for the core: a permanent refusal of a RESENT decision is taken as "
-    "proof it was never delivered; if an earlier attempt was delivered (its answer lost) and "
-    "Stripe validates before it deduplicates, the units are billed and quarantined at once, "
-    "and a replay (new identifier) bills them twice",
-)
-def test_a_refused_resend_of_a_delivered_decision_is_not_quarantined(world):
+def test_a_refused_resend_of_a_delivered_decision_is_held_and_billed_once(world):
+    # Given a decision Stripe took whose answer was lost, and then a refusal of its resend (the
+    # fake validates the customer before it deduplicates, as Stripe may)
     world.record(ten_events(world))
     world.stripe.inject("lost_response")
     world.flush(stripe_retries=0)  # delivered, answer lost: decision 1 stays in flight
-    world.stripe.reject_customer("cus_F1")  # the fake refuses the customer before deduping
+    world.stripe.reject_customer("cus_F1")
+    # When the next run resends it and Stripe refuses
+    refused = world.flush()
+    # Then it is quarantined with the decision held, not its units made sendable anew
+    assert refused is not None and refused.quarantined == 1
+    [held] = world.quarantined()
+    assert held.held is not None and held.unsent == 0
+    # And once the cause is fixed and it is replayed, decision 1 itself is sent again, which
+    # Stripe recognises: billed once
+    world.stripe.accept_customer("cus_F1")
+    world.clock.advance(REPLAY_GUARD)
+    replay(world.store, held.id, now=world.now())
     world.settle()
-    assert world.invariant() == CLEAN
+    assert world.invariant() == CLEAN and seqs(world) == [1]

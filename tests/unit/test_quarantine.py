@@ -10,7 +10,7 @@ import pytest
 from tests.fakes import FakeBilling, FakeClock, HookedStore, InMemoryStore
 from usage_meter.billing import PermanentBillingError, RateLimited
 from usage_meter.errors import NotFound
-from usage_meter.logic.flush import STALE_READ, Flusher, FlushPolicy
+from usage_meter.logic.flush import IDENTIFIER_WINDOW, STALE_READ, Flusher, FlushPolicy
 from usage_meter.logic.quarantine import REPLAY_GUARD, ReplayRefused, replay
 from usage_meter.logic.record import record_events
 from usage_meter.models.domain import Counter, MeterEventRequest
@@ -244,15 +244,16 @@ def test_a_stale_run_cannot_resend_a_decision_replayed_since_it_read_it():
     run_a = Flusher(store, billing, time_left=lambda: 300, clock=clock, sleep=meanwhile)
     # When A wakes up
     summary_a = run_a.run()
-    # Then A sends decision 1 no more: the units are billed once, as decision 2
+    # Then A sends nothing it read that long ago, and the units are billed once: the refused
+    # decision was a resend, so the replay sent it again as decision 1 (Stripe dedupes it)
     assert summary_a.sent == 0 and summary_a.deferred == 1 and others[0].sent == 1
     counter_id = counter(store).id
-    assert list(billing.delivered) == [f"{counter_id}.2"]
+    assert list(billing.delivered) == [f"{counter_id}.1"]
     assert billing.totals() == {("cus_A", "m"): 5}
     assert (counter(store).reported, counter(store).quarantined) == (5, 0)
 
 
-def test_a_stale_run_cannot_quarantine_a_decision_replayed_since_it_read_it():
+def test_a_stale_run_quarantining_a_replayed_resend_only_holds_it_again():
     # Given run A resending decision 1, and, while its call is out, another run's resend
     # refused and quarantined and the operator's replay
     store, billing, clock = in_flight_store()
@@ -265,8 +266,44 @@ def test_a_stale_run_cannot_quarantine_a_decision_replayed_since_it_read_it():
     billing.on_call = meanwhile
     # When A quarantines what it holds
     summary_a = run(store, billing, clock)
-    # Then nothing is quarantined: the replayed units stay sendable, and go once
-    assert summary_a.quarantined == 0
-    assert counter(store).quarantined == 0 and counter(store).unsent == 5
+    # Then it holds decision 1 again (the replay put that very decision back in flight), so
+    # nothing is sendable under a new identifier, and the next replay resends decision 1 once
+    assert summary_a.quarantined == 1 and counter(store).unsent == 0
+    held = counter(store).held
+    assert held is not None and held.seq == 1
+    clock.advance(REPLAY_GUARD)
+    replay(store, counter(store).id, now=int(clock()))
     run(store, billing, clock)
     assert billing.totals() == {("cus_A", "m"): 5} and counter(store).reported == 5
+    assert list(billing.delivered) == [counter(store).identifier(held)]
+
+
+def test_a_refused_resend_is_held_and_replayed_under_its_own_identifier():
+    # Given decision 1 sent once (its answer lost), then refused when resent
+    store, billing, clock = in_flight_store()
+    billing.script.append(refusal())
+    run(store, billing, clock)
+    refused = counter(store)
+    assert refused.held is not None and refused.quarantined == 5 and refused.unsent == 0
+    # When the operator replays it
+    clock.advance(REPLAY_GUARD)
+    replay(store, refused.id, now=int(clock()))
+    run(store, billing, clock)
+    # Then decision 1 itself is sent again: had Stripe taken it, it would dedupe it
+    assert list(billing.delivered) == [refused.identifier(refused.held)]
+    assert (counter(store).reported, counter(store).held) == (5, None)
+
+
+def test_a_held_decision_older_than_stripes_window_needs_a_fresh_replay():
+    # Given a held decision a day old
+    store, billing, clock = in_flight_store()
+    billing.script.append(refusal())
+    run(store, billing, clock)
+    clock.advance(IDENTIFIER_WINDOW + 60)
+    counter_id = counter(store).id
+    # When it is replayed / Then only with fresh (after checking Stripe), under a new identifier
+    with pytest.raises(ReplayRefused, match="check the meter's events"):
+        replay(store, counter_id, now=int(clock()))
+    replay(store, counter_id, now=int(clock()), fresh=True)
+    run(store, billing, clock)
+    assert list(billing.delivered) == [f"{counter_id}.2"] and counter(store).reported == 5

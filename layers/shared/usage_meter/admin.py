@@ -2,7 +2,7 @@
 
     python -m usage_meter.admin --table TABLE status
     python -m usage_meter.admin --table TABLE quarantine list
-    python -m usage_meter.admin --table TABLE quarantine replay COUNTER_ID [--restamp]
+    python -m usage_meter.admin --table TABLE quarantine replay COUNTER_ID [--restamp] [--fresh]
     python -m usage_meter.admin --table TABLE quarantine replay --all [--restamp]
     python -m usage_meter.admin --table TABLE keys create --name NAME --scopes record,read
     python -m usage_meter.admin --table TABLE keys list
@@ -26,7 +26,10 @@ from usage_meter.store.dynamodb import DynamoStore
 
 
 def _show(counter: Counter) -> str:
-    return json.dumps({"id": counter.id, **counter.model_dump(mode="json", exclude={"sending"})})
+    shown = {"id": counter.id, **counter.model_dump(mode="json", exclude={"sending"})}
+    if counter.held is not None:
+        shown["held_identifier"] = counter.identifier(counter.held)
+    return json.dumps(shown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         "--restamp",
         action="store_true",
         help="bill units whose period is too old for Stripe in the current period instead",
+    )
+    replay.add_argument(
+        "--fresh",
+        action="store_true",
+        help="send a held decision's units under a new identifier: only after checking in Stripe "
+        "that its identifier is not there",
     )
     keys = commands.add_parser("keys", help="server keys for your apps")
     key_actions = keys.add_subparsers(dest="action", required=True)
@@ -91,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     now = int(time.time())
     for counter_id in ids:
         try:
-            print(_show(quarantine.replay(store, counter_id, now=now, restamp=args.restamp)))
+            replayed = quarantine.replay(
+                store, counter_id, now=now, restamp=args.restamp, fresh=args.fresh
+            )
+            print(_show(replayed))
         except UsageMeterError as error:
             failed += 1
             print(json.dumps({"id": counter_id, "error": error.code, "message": error.message}))

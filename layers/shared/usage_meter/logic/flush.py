@@ -211,12 +211,12 @@ class Flusher:
                 self._tally.error(f"{counter.id}: Stripe unavailable: {error}")
                 break
             except PermanentBillingError as error:
-                reason = f"{error.code or 'rejected'}: {error}"
-                if resumed:
-                    # An earlier attempt may have been delivered with its answer lost: Stripe
-                    # validates before it deduplicates, so the refusal does not prove it wasn't.
-                    reason += f"; sent before: check Stripe for {request.identifier}"
-                self._quarantine(counter, decision, reason)
+                # A resend is held: an earlier attempt may have been delivered with its answer
+                # lost, and Stripe may validate before it deduplicates, so a replay must send
+                # this decision again as it is, not its units anew.
+                self._quarantine(
+                    counter, decision, f"{error.code or 'rejected'}: {error}", hold=resumed
+                )
                 return
             except BillingAuthError as error:
                 self._tally.error(f"Stripe refused the API key: {error}")
@@ -232,9 +232,13 @@ class Flusher:
             return
         self._tally.add(deferred=1)
 
-    def _quarantine(self, counter: Counter, decision: Decision, reason: str) -> None:
-        if self._store.quarantine(counter, decision, reason, int(self._clock())):
+    def _quarantine(
+        self, counter: Counter, decision: Decision, reason: str, *, hold: bool = False
+    ) -> None:
+        if self._store.quarantine(counter, decision, reason, int(self._clock()), hold=hold):
             self._tally.add(quarantined=1)
+        else:  # changed meanwhile, or another decision is held: it stays for the next run
+            self._tally.add(deferred=1)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         jittered = self._rng.uniform(

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 
 from usage_meter.errors import NotFound, UsageMeterError
-from usage_meter.logic.flush import STALE_READ, too_old_for_stripe
+from usage_meter.logic.flush import IDENTIFIER_WINDOW, STALE_READ, too_old_for_stripe
 from usage_meter.logic.periods import calendar_month, period_key
 from usage_meter.models.domain import Counter
 from usage_meter.store import QuarantineStore
@@ -17,9 +17,18 @@ class ReplayRefused(UsageMeterError):
     code = "replay_refused"
 
 
-def replay(store: QuarantineStore, counter_id: str, *, now: int, restamp: bool = False) -> Counter:
+def replay(
+    store: QuarantineStore,
+    counter_id: str,
+    *,
+    now: int,
+    restamp: bool = False,
+    fresh: bool = False,
+) -> Counter:
     """Make a counter's quarantined units sendable again; the next flush sends them under a new
-    decision, so a new identifier. Returns the counter as it was."""
+    decision, so a new identifier. A held decision (refused when resent: Stripe may have it) is
+    sent again as it was while Stripe still deduplicates its identifier; after that, only with
+    `fresh`, once an operator has checked Stripe. Returns the counter as it was."""
     counter = store.quarantined_counter(counter_id)
     if counter is None or not counter.quarantined:
         raise NotFound(f"no quarantined units in counter {counter_id}")
@@ -30,6 +39,22 @@ def replay(store: QuarantineStore, counter_id: str, *, now: int, restamp: bool =
             f"counter {counter_id} was quarantined a moment ago, and a flush that read it may "
             f"still be running: replay it from {when:%Y-%m-%dT%H:%M:%SZ}"
         )
+    held = counter.held
+    if held is not None and not fresh:
+        identifier = counter.identifier(held)
+        if restamp or now - held.decided_at > IDENTIFIER_WINDOW:
+            raise ReplayRefused(
+                f"Stripe may already have {identifier} (its answer was lost before a refusal) "
+                "and no longer recognises it: check the meter's events in Stripe, and replay "
+                "with fresh only if it is not there"
+            )
+        if counter.sending is not None:
+            raise ReplayRefused(
+                f"counter {counter_id} has a decision in flight; replay it after the next flush"
+            )
+        if not store.replay(counter, resend=True):
+            raise ReplayRefused(f"counter {counter_id} changed while replaying it; try again")
+        return counter
     target = None
     if too_old_for_stripe(counter.period_end - 1, now):
         if not restamp:

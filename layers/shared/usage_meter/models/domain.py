@@ -83,6 +83,9 @@ class Counter(BaseModel):
     quarantined: int = 0  # units Stripe refused, until an operator replays them
     seq: int = 0  # decisions made so far
     sending: Decision | None = None  # the decision in flight, if any
+    # A quarantined decision that had been sent before: Stripe may have it (an answer lost, then
+    # a refusal), so a replay sends it again as it was, identifier included, never anew.
+    held: Decision | None = None
     quarantine_reason: str | None = None
     quarantined_at: int | None = None
 

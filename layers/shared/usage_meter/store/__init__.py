@@ -41,9 +41,12 @@ class CounterStore(Protocol):
         """Stripe has the decision's units: add them to `reported`, if it is still in flight."""
         ...
 
-    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+    def quarantine(
+        self, counter: Counter, decision: Decision, reason: str, at: int, *, hold: bool = False
+    ) -> bool:
         """Stripe refused the decision for good: its units wait for an operator, if it is still
-        in flight."""
+        in flight. With hold (a resend), the decision is kept for the replay to send again; only
+        one is kept per counter, so this is refused while another is held."""
         ...
 
     def release(self, counter: Counter) -> bool:
@@ -57,7 +60,11 @@ class QuarantineStore(Protocol):
 
     def quarantined_counter(self, counter_id: str) -> Counter | None: ...
 
-    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
+    def replay(
+        self, counter: Counter, *, restamp_to: Counter | None = None, resend: bool = False
+    ) -> bool:
         """Make the quarantined units sendable again (under a fresh decision), if nothing changed
-        since `counter` was read; with restamp_to, move them into that (current) period."""
+        since `counter` was read; with restamp_to, move them into that (current) period. With
+        resend, the held decision goes back in flight as it was (nothing else may be in flight);
+        the rest of the quarantined units become unsent."""
         ...

@@ -292,8 +292,22 @@ class DynamoStore:
             {":s": _n(decision.seq), ":v": _n(decision.value)},
         )
 
-    def quarantine(self, counter: Counter, decision: Decision, reason: str, at: int) -> bool:
+    def quarantine(
+        self, counter: Counter, decision: Decision, reason: str, at: int, *, hold: bool = False
+    ) -> bool:
         key = _key_of(counter)
+        values = {
+            ":s": _n(decision.seq),
+            ":v": _n(decision.value),
+            ":r": _s(reason[:500]),
+            ":at": _n(at),
+        }
+        expression = "ADD quarantined :v SET quarantine_reason = :r, quarantined_at = :at"
+        condition = "sending_seq = :s"
+        if hold:
+            expression += ", held_seq = :s, held_value = :v, held_timestamp = :t, held_at = :d"
+            condition += " AND attribute_not_exists(held_seq)"
+            values |= {":t": _n(decision.timestamp), ":d": _n(decision.decided_at)}
         try:
             self._db.transact_write_items(
                 TransactItems=[
@@ -301,16 +315,10 @@ class DynamoStore:
                         "Update": {
                             "TableName": self._table,
                             "Key": key,
-                            "UpdateExpression": "ADD quarantined :v SET quarantine_reason = :r,"
-                            " quarantined_at = :at"
-                            " REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
-                            "ConditionExpression": "sending_seq = :s",
-                            "ExpressionAttributeValues": {
-                                ":s": _n(decision.seq),
-                                ":v": _n(decision.value),
-                                ":r": _s(reason[:500]),
-                                ":at": _n(at),
-                            },
+                            "UpdateExpression": expression
+                            + " REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
+                            "ConditionExpression": condition,
+                            "ExpressionAttributeValues": values,
                         }
                     },
                     {
@@ -374,22 +382,52 @@ class DynamoStore:
         ).get("Item")
         return _to_counter(item, self._table) if item else None
 
-    def replay(self, counter: Counter, *, restamp_to: Counter | None = None) -> bool:
+    def replay(
+        self, counter: Counter, *, restamp_to: Counter | None = None, resend: bool = False
+    ) -> bool:
         key = _key_of(counter)
         units = _n(counter.quarantined)
         condition = "quarantined = :q AND quarantined_at = :at"
         seen: Item = {":q": units, ":at": _n(counter.quarantined_at or 0)}
         backlog = {":bp": _s(_backlog_shard(key)), ":bs": key["sk"]}
-        if restamp_to is None:
-            # The units are unsent again: the next decision covers them, with a new identifier.
+        held = counter.held
+        if resend and held is not None:
+            # The held decision goes back in flight as it was: the next run sends it again.
             writes: list[Item] = [
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": key,
+                        "ConditionExpression": condition + " AND attribute_not_exists(sending_seq)"
+                        " AND held_seq = :hs",
+                        "UpdateExpression": "SET quarantined = :zero, backlog_pk = :bp,"
+                        " backlog_sk = :bs, sending_seq = :hs, sending_value = :hv,"
+                        " sending_timestamp = :ht, sending_at = :ha"
+                        " REMOVE quarantine_reason, quarantined_at, held_seq, held_value,"
+                        " held_timestamp, held_at",
+                        "ExpressionAttributeValues": {
+                            **seen,
+                            ":zero": _n(0),
+                            **backlog,
+                            ":hs": _n(held.seq),
+                            ":hv": _n(held.value),
+                            ":ht": _n(held.timestamp),
+                            ":ha": _n(held.decided_at),
+                        },
+                    }
+                }
+            ]
+        elif restamp_to is None:
+            # The units are unsent again: the next decision covers them, with a new identifier.
+            writes = [
                 {
                     "Update": {
                         "TableName": self._table,
                         "Key": key,
                         "ConditionExpression": condition,
                         "UpdateExpression": "SET quarantined = :zero, backlog_pk = :bp,"
-                        " backlog_sk = :bs REMOVE quarantine_reason, quarantined_at",
+                        " backlog_sk = :bs REMOVE quarantine_reason, quarantined_at, held_seq,"
+                        " held_value, held_timestamp, held_at",
                         "ExpressionAttributeValues": {**seen, ":zero": _n(0), **backlog},
                     }
                 }
@@ -404,7 +442,8 @@ class DynamoStore:
                         "Key": key,
                         "ConditionExpression": condition,
                         "UpdateExpression": "SET quarantined = :zero ADD quantity :minus"
-                        " REMOVE quarantine_reason, quarantined_at",
+                        " REMOVE quarantine_reason, quarantined_at, held_seq, held_value,"
+                        " held_timestamp, held_at",
                         "ExpressionAttributeValues": {
                             **seen,
                             ":zero": _n(0),
@@ -596,8 +635,17 @@ def _to_counter(item: Item, namespace: str) -> Counter:
             timestamp=number("sending_timestamp"),
             decided_at=number("sending_at"),
         )
+    held = None
+    if "held_seq" in item:
+        held = Decision(
+            seq=number("held_seq"),
+            value=number("held_value"),
+            timestamp=number("held_timestamp"),
+            decided_at=number("held_at"),
+        )
     return Counter(
         namespace=namespace,
+        held=held,
         customer=item["customer"]["S"],
         meter=item["meter"]["S"],
         period_start=item["period_start"]["S"],
