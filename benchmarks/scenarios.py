@@ -355,24 +355,23 @@ def _item_key(entry: dict[str, Any]) -> tuple[str, str]:
     return key["pk"]["S"], key["sk"]["S"]
 
 
-def _counter_items(client: Any, table: str, customer: str) -> int:
+def _counter_rows(client: Any, table: str, customer: str) -> list[dict[str, Any]]:
     response = client.query(
         TableName=table,
         KeyConditionExpression="pk = :pk",
         ExpressionAttributeValues={":pk": {"S": f"USAGE#{customer}"}},
         ConsistentRead=True,
     )
-    return len(response["Items"])
+    return list(response["Items"])
+
+
+def _counter_items(client: Any, table: str, customer: str) -> int:
+    return len(_counter_rows(client, table, customer))
 
 
 def _counter_quantity(client: Any, table: str, customer: str) -> int:
-    response = client.query(
-        TableName=table,
-        KeyConditionExpression="pk = :pk",
-        ExpressionAttributeValues={":pk": {"S": f"USAGE#{customer}"}},
-        ConsistentRead=True,
-    )
-    return sum(int(i.get("quantity", {"N": "0"})["N"]) for i in response["Items"])
+    rows = _counter_rows(client, table, customer)
+    return sum(int(i.get("quantity", {"N": "0"})["N"]) for i in rows)
 
 
 def _chunks(items: Sequence[EventIn], size: int) -> Iterator[Sequence[EventIn]]:

@@ -627,25 +627,21 @@ def _to_counter(item: Item, namespace: str) -> Counter:
     def number(name: str) -> int:
         return int(item[name]["N"]) if name in item else 0
 
-    sending = None
-    if "sending_seq" in item:
-        sending = Decision(
-            seq=number("sending_seq"),
-            value=number("sending_value"),
-            timestamp=number("sending_timestamp"),
-            decided_at=number("sending_at"),
+    def decision(prefix: str) -> Decision | None:
+        """The decision stored under prefix_seq, _value, _timestamp and _at, if any."""
+        if f"{prefix}_seq" not in item:
+            return None
+        return Decision(
+            seq=number(f"{prefix}_seq"),
+            value=number(f"{prefix}_value"),
+            timestamp=number(f"{prefix}_timestamp"),
+            decided_at=number(f"{prefix}_at"),
         )
-    held = None
-    if "held_seq" in item:
-        held = Decision(
-            seq=number("held_seq"),
-            value=number("held_value"),
-            timestamp=number("held_timestamp"),
-            decided_at=number("held_at"),
-        )
+
     return Counter(
         namespace=namespace,
-        held=held,
+        sending=decision("sending"),
+        held=decision("held"),
         customer=item["customer"]["S"],
         meter=item["meter"]["S"],
         period_start=item["period_start"]["S"],
@@ -655,7 +651,6 @@ def _to_counter(item: Item, namespace: str) -> Counter:
         reported=number("reported"),
         quarantined=number("quarantined"),
         seq=number("seq"),
-        sending=sending,
         quarantine_reason=item["quarantine_reason"]["S"] if "quarantine_reason" in item else None,
         quarantined_at=number("quarantined_at") if "quarantined_at" in item else None,
     )
