@@ -19,6 +19,7 @@ from usage_meter.logic.auth import (
     TOKEN_PREFIX,
     Unauthenticated,
     anonymous_context,
+    bearer,
     identify,
     to_context,
 )
@@ -60,5 +61,7 @@ def _identify(authorization: str | None, now: int) -> Principal:
 
 
 def _portal_token(authorization: str | None) -> bool:
-    _, _, credential = (authorization or "").strip().partition(" ")
-    return credential.strip().startswith(TOKEN_PREFIX)
+    try:
+        return bearer(authorization).startswith(TOKEN_PREFIX)
+    except Unauthenticated:
+        return False

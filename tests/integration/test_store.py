@@ -15,11 +15,12 @@ from botocore.awsrequest import AWSResponse
 
 from tests.fakes import FakeBilling
 from usage_meter.billing import PermanentBillingError, TransientBillingError
-from usage_meter.errors import IdempotencyConflict
+from usage_meter.errors import IdempotencyConflict, StoreUnavailable
 from usage_meter.logic.flush import Flusher
 from usage_meter.logic.record import record_events
 from usage_meter.models.domain import Counter, Decision
 from usage_meter.models.input import EventIn
+from usage_meter.store import dynamodb
 from usage_meter.store.dynamodb import COUNTER_SHARDS, INDEX, PAGE, DynamoStore
 
 NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
@@ -515,3 +516,16 @@ def test_a_usage_read_is_one_query_returning_one_item_per_meter_whatever_the_eve
     # Then one Query returned two items: the cost follows meters, not events
     assert result == {"m": (150, 0), "n": (150, 0)}
     assert [(name, parsed["Count"]) for name, parsed in calls] == [("Query", 2)]
+
+
+def test_a_counter_that_stays_contended_answers_503_and_stores_nothing(
+    store, local_table, monkeypatch
+):
+    # Given every transaction meeting another one, and a short retry budget
+    monkeypatch.setattr(dynamodb, "WRITE_BUDGET_SECONDS", 0.2)
+    conflict_on_first_transactions(local_table.client, 10_000)
+    # When an event is recorded / Then the store gives up with the retryable 503 error
+    with pytest.raises(StoreUnavailable):
+        record(store, {"stripe_customer_id": "cus_A", "quantity": 5})
+    # And nothing was stored: the client's retry is safe
+    assert totals(store) == {} and index_keys(local_table) == []

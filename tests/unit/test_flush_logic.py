@@ -748,3 +748,17 @@ def test_the_timestamp_of_a_resent_decision_does_not_move_with_the_clock():
     run(store, billing, clock)
     # Then both calls carry the decision's timestamp
     assert [c.timestamp for c in billing.calls] == [T, T]
+
+
+def test_a_counter_with_more_accounted_than_recorded_is_reported_as_an_error_not_billed():
+    # Given a counter whose reported units exceed what was recorded (a corrupted item)
+    store, billing, clock = InMemoryStore(), FakeBilling(), FakeClock(T)
+    record(store, clock, quantity=3)
+    key = (counter(store).customer, NOV, "m", 0)
+    store.counters[key] = counter(store).model_copy(update={"reported": 5})
+    # When the flush meets it
+    summary = run(store, billing, clock)
+    # Then it sends nothing, keeps the counter for a person to look at, and says why
+    assert billing.calls == [] and summary.released == 0
+    assert "2 units more accounted than recorded" in summary.errors[0]
+    assert [c.id for page in store.backlog() for c in page] == [counter(store).id]

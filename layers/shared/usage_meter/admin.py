@@ -77,17 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     store = DynamoStore(args.table)
 
     if args.command == "status":
-        backlog = [counter for page in store.backlog() for counter in page]
-        print(
-            json.dumps(
-                {
-                    "counters_in_backlog": len(backlog),
-                    "units_unsent": sum(max(c.unsent, 0) for c in backlog),
-                    "decisions_in_flight": sum(c.sending is not None for c in backlog),
-                    "quarantined_counters": len(store.quarantined()),
-                }
-            )
-        )
+        status = {"counters_in_backlog": 0, "units_unsent": 0, "decisions_in_flight": 0}
+        for page in store.backlog():  # page by page: a large backlog is never held at once
+            status["counters_in_backlog"] += len(page)
+            status["units_unsent"] += sum(max(c.unsent, 0) for c in page)
+            status["decisions_in_flight"] += sum(c.sending is not None for c in page)
+        print(json.dumps({**status, "quarantined_counters": len(store.quarantined())}))
         return 0
     if args.command == "keys":
         return _keys(args, store, parser)

@@ -170,8 +170,11 @@ class Flusher:
     def _decide(self, counter: Counter, now: int) -> Decision | None:
         """The next decision for the counter's unsent units; None when there is nothing to send
         now, or another run decided first."""
-        if counter.unsent <= 0:
-            if counter.unsent == 0 and self._store.release(counter):
+        if counter.unsent < 0:  # more reported than recorded: never bill on, say so
+            self._tally.error(f"{counter.id}: {-counter.unsent} units more accounted than recorded")
+            return None
+        if counter.unsent == 0:
+            if self._store.release(counter):
                 self._tally.add(released=1)
             return None
         if now < int(_start(counter)):
