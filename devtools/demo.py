@@ -17,7 +17,8 @@ from typing import Any
 
 import requests
 
-from devtools.local_stack import LocalStack, StackError, StackOptions, sam_build
+from devtools.local_stack import LocalStack, StackError, StackOptions, read_live_state, sam_build
+from devtools.portal import DEFAULT_PORT as PORTAL_PORT
 
 BATCH_SIZE = 40
 
@@ -111,7 +112,15 @@ def run(stack: LocalStack, customers: list[str]) -> int:
         print(json.dumps(response.json(), indent=2), flush=True)
         if response.status_code != 200:
             return 1
+    _say(portal_line())
     return 0
+
+
+def portal_line() -> str:
+    """Where `make dev` serves the demo portal: the usage widget on another origin."""
+    url = f"http://127.0.0.1:{PORTAL_PORT}"
+    running = "served by the running `make dev`" if read_live_state() else "run `make dev`"
+    return f"usage widget    {url}  (the demo portal with <usage-meter>: {running})"
 
 
 def main() -> int:

@@ -4,7 +4,8 @@
 --in-memory), the loopback Stripe stand-in (or Stripe test mode when STRIPE_API_KEY is set),
 every function in AWS's Lambda Runtime Interface Emulator, the HTTP API from template.yaml's
 routes and the flush on the template's schedule. `POST /_local/flush` runs the flush now.
-Ctrl-C stops everything it started.
+The demo portal (devtools.portal) shows the usage widget on http://127.0.0.1:3001, another
+origin than the API's. Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from devtools.local_stack import (
     read_live_state,
     sam_build,
 )
+from devtools.portal import DEFAULT_PORT as PORTAL_PORT
+from devtools.portal import DemoPortal, PortalError, seed_demo_usage
 
 _print_lock = threading.Lock()
 
@@ -72,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-build", action="store_true", help="use .aws-sam/build as it is")
     parser.add_argument(
+        "--portal-port",
+        type=int,
+        default=PORTAL_PORT,
+        help=f"the demo portal's port (default {PORTAL_PORT}; 0: no demo portal)",
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=1, help="runtimes per function (default 1)"
     )
     parser.add_argument(
@@ -88,10 +97,13 @@ def _row(label: str, value: str) -> str:
     return f"  {label:<15} {value}"
 
 
-def banner(stack: LocalStack, in_memory: bool) -> list[str]:
+def banner(stack: LocalStack, in_memory: bool, portal: DemoPortal | None = None) -> list[str]:
     """The start-up lines: where everything is and how to use it."""
     assert stack.backends is not None
     lines = ["usage-meter runs locally (Ctrl-C stops everything)", _row("API", str(stack.api_url))]
+    if portal is not None:
+        lines.append(_row("Demo portal", f"{portal.url}  (the usage widget, from another origin)"))
+        lines.append(_row("", f"  customer {portal.customer}; its backend mints portal tokens"))
     if stack.server_key:
         lines.append(_row("Server key", f"{stack.server_key}  (admin scope, for this run)"))
         lines.append(_row("", '  send it as  -H "Authorization: Bearer <server key>"'))
@@ -118,6 +130,24 @@ def banner(stack: LocalStack, in_memory: bool) -> list[str]:
     return lines
 
 
+def start_portal(stack: LocalStack, portal: DemoPortal) -> None:
+    """Serve the demo portal with the stack's read key; its customer gets sample usage once."""
+    assert stack.api_url is not None and stack.portal_key is not None
+    portal.attach(stack.api_url, stack.portal_key).start()
+    if stack.server_key is None:
+        return
+    try:
+        if seed_demo_usage(stack.api_url, stack.server_key, portal.customer):
+            say(f"demo portal: sample usage recorded for {portal.customer}, part of it flushed")
+    except OSError as error:  # the page still works; it shows what there is
+        say(f"demo portal: could not record sample usage: {error}")
+
+
+def _close(portal: DemoPortal | None) -> None:
+    if portal is not None:
+        portal.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stopping = threading.Event()
@@ -132,35 +162,45 @@ def main(argv: list[str] | None = None) -> int:
     if running is not None:
         say(f"a local stack is already running (pid {running.pid}): {running.api_url}")
         return 1
+    portal: DemoPortal | None = None
     try:
+        if args.portal_port:  # bound first: a taken port fails fast
+            portal = DemoPortal(port=args.portal_port, log=say)
         options = StackOptions(
             api_port=args.port,
             data_dir=None if args.in_memory else DEFAULT_DATA_DIR,
             stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
+            stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
             parameter_overrides=parse_overrides(args.parameter_overrides),
             flush_every=args.flush_every,
             concurrency=args.concurrency,
             state_file=STATE_FILE,
             log=say,
             function_log=function_log,
+            portal_origin=portal.origin if portal else None,
         )
         if not args.no_build:
             say("sam build (no Docker) ...")
             say(f"built in {sam_build():.1f} s")
         if stopping.is_set():
+            _close(portal)
             return 130
         stack = LocalStack(options)
         stack.start()
-    except (StackError, ValueError, argparse.ArgumentTypeError) as error:
+    except (StackError, PortalError, ValueError, argparse.ArgumentTypeError) as error:
+        _close(portal)
         say(f"cannot start: {error}")
         return 1
     try:
-        for line in banner(stack, args.in_memory):
+        if portal is not None:
+            start_portal(stack, portal)
+        for line in banner(stack, args.in_memory, portal):
             say(line)
         while not stopping.wait(0.5):  # a timed wait: signals are handled promptly
             pass
     finally:
         say("stopping ...")
+        _close(portal)
         stack.stop()
         say("stopped")
     return 0

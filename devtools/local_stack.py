@@ -71,6 +71,7 @@ STATE_FILE = LOCAL_DIR / "stack.json"
 TABLE_LOGICAL_ID = "UsageTable"
 PORTAL_SECRET_LOGICAL_ID = "PortalTokenSecret"
 STRIPE_SECRET_PARAMETER = "StripeSecretName"
+WEBHOOK_SECRET_PARAMETER = "StripeWebhookSecretName"
 STAND_IN_KEY = "sk_test_local_stand_in"
 FLUSH_ROUTE = "/_local/flush"
 
@@ -118,6 +119,9 @@ def sam_build(
 
 
 LOCAL_PORTAL_TOKEN_SECRET = "local-only-portal-token-secret"
+# Signs the stand-in's webhooks; with real Stripe, `stripe listen` prints the one to use.
+LOCAL_WEBHOOK_SECRET = "whsec_local_only_stand_in"
+WEBHOOK_PATH = "/v1/stripe/webhook"
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Backends:
     # from it as they do deployed: the portal token secret's ARN, the Stripe key by name.
     secrets_manager_url: str | None = None
     portal_token_secret_arn: str | None = None
+    stripe_webhook_secret: str = LOCAL_WEBHOOK_SECRET
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -149,6 +154,8 @@ class Backends:
             env["STRIPE_API_KEY"] = self.stripe_api_key
             env["PORTAL_TOKEN_SECRET"] = self.portal_token_secret
             env["PORTAL_TOKEN_SECRET_NAME"] = ""  # the template's names a deployed secret
+            env["STRIPE_WEBHOOK_SECRET"] = self.stripe_webhook_secret
+            env["STRIPE_WEBHOOK_SECRET_NAME"] = ""
         if self.stripe_api_base is not None:
             env["STRIPE_API_BASE"] = self.stripe_api_base
         return env
@@ -167,6 +174,9 @@ class StackOptions:
     data_dir: Path | None = None  # None: DynamoDB Local in memory
     table_name: str = "usage-meter-local"
     stripe_api_key: str | None = None  # None: the loopback stand-in
+    # Verifies Stripe's webhooks: the stand-in signs with LOCAL_WEBHOOK_SECRET; with real
+    # Stripe, the secret `stripe listen --forward-to .../v1/stripe/webhook` prints.
+    stripe_webhook_secret: str | None = None
     parameter_overrides: Mapping[str, str] = field(default_factory=dict)
     flush_every: float | None = None  # seconds between scheduled runs; None: the template's
     run_schedules: bool = True
@@ -180,6 +190,9 @@ class StackOptions:
     state_file: Path | None = None  # record the endpoints here while running
     log: Callable[[str], None] = _say
     function_log: LogSink | None = None  # None: readable lines on stderr
+    # A demo portal's browser origin (devtools.portal): added to PortalOrigins, and a read key
+    # is made for its backend (portal_key), which mints portal tokens with it.
+    portal_origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,10 +242,12 @@ def ensure_table(engine: DynamoDBLocal, table_name: str, template: dict[str, Any
         return True
 
 
-def create_local_key(engine: DynamoDBLocal, table_name: str) -> str:
-    """A fresh admin server key for this local run: every route needs one."""
+def create_local_key(
+    engine: DynamoDBLocal, table_name: str, name: str = "local run", scope: Scope = Scope.ADMIN
+) -> str:
+    """A fresh server key for this local run (admin by default: every route needs one)."""
     store = DynamoStore(table_name, client=engine.client())
-    key, _ = create_api_key("local run", {Scope.ADMIN}, keys=store, now=int(time.time()))
+    key, _ = create_api_key(name, {scope}, keys=store, now=int(time.time()))
     return key
 
 
@@ -268,6 +283,9 @@ class LocalStack(Service):
         self.parameters = parameter_values(
             self.template, {"Architecture": host_architecture(), **self.options.parameter_overrides}
         )
+        if self.options.portal_origin:  # the demo portal reads usage from the browser (CORS)
+            origins = [self.parameters.get("PortalOrigins", ""), self.options.portal_origin]
+            self.parameters["PortalOrigins"] = ",".join(o for o in origins if o)
         self.routes = route_table(self.template)
         self.schedules = schedules(self.template, self.parameters)
         self.pools: dict[str, FunctionPool] = {}
@@ -276,6 +294,7 @@ class LocalStack(Service):
         self.api: LocalApiServer | None = None
         self.table_created = False
         self.server_key: str | None = None  # an admin key made for this run, when it owns the data
+        self.portal_key: str | None = None  # a read key for the demo portal's backend, likewise
         self.iam_gates: list[IamGate] = []  # enforcing each function's role, when it owns them
         self._running = ExitStack()
 
@@ -308,13 +327,22 @@ class LocalStack(Service):
         engine.start()
         self.table_created = ensure_table(engine, self.options.table_name, self.template)
         self.server_key = create_local_key(engine, self.options.table_name)
+        if self.options.portal_origin:
+            self.portal_key = create_local_key(
+                engine, self.options.table_name, "demo portal", Scope.READ
+            )
         key, base = self.options.stripe_api_key, None
         if key is None:
             self.stripe = FakeStripe("127.0.0.1", 0)
             self._running.callback(self.stripe.stop)
             self.stripe.start()
             key, base = STAND_IN_KEY, self.stripe.url
-        secrets = self._store_secrets(key) if self.options.secrets_manager_url else {}
+        webhook_secret = self.options.stripe_webhook_secret or LOCAL_WEBHOOK_SECRET
+        if self.stripe is not None and self.api is not None:  # its webhooks reach this API
+            self.stripe.add_webhook_endpoint(f"{self.api_url}{WEBHOOK_PATH}", secret=webhook_secret)
+        secrets = (
+            self._store_secrets(key, webhook_secret) if self.options.secrets_manager_url else {}
+        )
         table_arn = local_arn("dynamodb", f"table/{self.options.table_name}")
         roles = template_roles(
             self.template, self.parameters, {TABLE_LOGICAL_ID: table_arn, **secrets}
@@ -323,11 +351,13 @@ class LocalStack(Service):
         dynamodb = self._gate(IamGate(engine.endpoint_url, roles, tables=tables))
         secrets_url = None
         if self.options.secrets_manager_url:
-            stripe_name = self.parameters[STRIPE_SECRET_PARAMETER]
             gate = IamGate(
                 self.options.secrets_manager_url,
                 roles,
-                secret_arns={stripe_name: secrets[STRIPE_SECRET_PARAMETER]},
+                secret_arns={
+                    self.parameters[name]: secrets[name]
+                    for name in (STRIPE_SECRET_PARAMETER, WEBHOOK_SECRET_PARAMETER)
+                },
             )
             secrets_url = self._gate(gate).url
         return Backends(
@@ -337,6 +367,7 @@ class LocalStack(Service):
             base,
             secrets_manager_url=secrets_url,
             portal_token_secret_arn=secrets.get(PORTAL_SECRET_LOGICAL_ID),
+            stripe_webhook_secret=webhook_secret,
         )
 
     def _gate(self, gate: IamGate) -> IamGate:
@@ -344,8 +375,8 @@ class LocalStack(Service):
         self.iam_gates.append(gate.start())
         return gate
 
-    def _store_secrets(self, stripe_api_key: str) -> dict[str, str]:
-        """Both secrets in the local Secrets Manager; their ARNs by the template's names."""
+    def _store_secrets(self, stripe_api_key: str, webhook_secret: str) -> dict[str, str]:
+        """The secrets in the local Secrets Manager; their ARNs by the template's names."""
         client = boto3.client(
             "secretsmanager",
             endpoint_url=self.options.secrets_manager_url,
@@ -364,6 +395,9 @@ class LocalStack(Service):
         return {
             PORTAL_SECRET_LOGICAL_ID: put(f"{stack}/portal-token", LOCAL_PORTAL_TOKEN_SECRET),
             STRIPE_SECRET_PARAMETER: put(self.parameters[STRIPE_SECRET_PARAMETER], stripe_api_key),
+            WEBHOOK_SECRET_PARAMETER: put(
+                self.parameters[WEBHOOK_SECRET_PARAMETER], webhook_secret
+            ),
         }
 
     def _start_functions(self, backends: Backends) -> None:

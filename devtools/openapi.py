@@ -196,7 +196,11 @@ def build() -> Schema:
                     "A new (customer, idempotency key) answers 202; the same key with the same "
                     "body answers 200 with the original id and changes nothing; the same key "
                     "with another body answers 409. `timestamp` may be at most 5 minutes ahead "
-                    "and 33 days old. A rejected request stores nothing."
+                    "and 33 days old. The event counts in the customer's Stripe subscription "
+                    "period that contains its time (a UTC calendar month without one). Under "
+                    "LateUsagePolicy `reject`, an event for a period whose invoice is finalized "
+                    "answers 422 `period_closed` naming the period; under `current_period` it "
+                    "counts in the current period. A rejected request stores nothing."
                 ),
                 request=EventIn,
                 success={
@@ -255,6 +259,53 @@ def build() -> Schema:
                 errors=(400, 401, 403, 413, 422),
             )
         },
+        "/v1/stripe/webhook": {
+            "post": {
+                "operationId": "stripeWebhook",
+                "tags": ["stripe"],
+                "summary": "Stripe's subscription events (register this URL in Stripe)",
+                "description": (
+                    "Consumes customer.subscription.created, .updated, .deleted, .paused and "
+                    ".resumed to keep each customer's billing periods. No API key: the "
+                    "Stripe-Signature header must verify against the endpoint's signing secret "
+                    "within 300 s, or the answer is 400 and nothing changes. Each event id is "
+                    "handled once; the subscription is read again from Stripe, so duplicates and "
+                    "out-of-order deliveries store Stripe's current state. Other event types "
+                    "answer 200 with `handled: false`."
+                ),
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "`t=<unix>,v1=<hex HMAC-SHA256>`, as Stripe sends it.",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _response(
+                        "received",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "received": {"type": "boolean"},
+                                "handled": {"type": "boolean"},
+                            },
+                            "required": ["received", "handled"],
+                        },
+                    ),
+                    "400": _response(
+                        "not signed by Stripe with this endpoint's secret, or too old",
+                        components.ref(ErrorOut, "serialization"),
+                    ),
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -273,6 +324,7 @@ def build() -> Schema:
             {"name": "events", "description": "record usage"},
             {"name": "usage", "description": "read usage"},
             {"name": "portal", "description": "customer-scoped read tokens"},
+            {"name": "stripe", "description": "Stripe's webhooks"},
         ],
         "paths": paths,
         "components": {

@@ -11,6 +11,7 @@ from usage_meter.billing import (
 from usage_meter.logic.periods import period_key
 from usage_meter.models.domain import (
     Counter,
+    CustomerBilling,
     Decision,
     MeterEventRequest,
     MeterTotals,
@@ -32,6 +33,8 @@ class InMemoryStore:
         self.events: dict[str, UsageEvent] = {}
         self.counters: dict[CounterKey, Counter] = {}
         self.in_backlog: set[CounterKey] = set()
+        self.billings: dict[str, CustomerBilling] = {}
+        self.stripe_events: set[str] = set()
         self.page_size = page_size
         self.lock = threading.RLock()
 
@@ -52,6 +55,7 @@ class InMemoryStore:
                     meter=event.meter,
                     period_start=key[1],
                     period_end=int(event.period.end.timestamp()),
+                    period_source=event.period.source,
                 )
                 self.counters[key] = counter.model_copy(
                     update={"quantity": counter.quantity + event.quantity}
@@ -59,14 +63,58 @@ class InMemoryStore:
                 self.in_backlog.add(key)
             return existing
 
-    def period_totals(self, customer: str, period_start: str) -> Sequence[MeterTotals]:
+    def period_totals(
+        self, customer: str, start: str, end: str | None = None
+    ) -> Sequence[MeterTotals]:
         with self.lock:
             totals: dict[str, tuple[int, int]] = {}
             for (c, p, meter, _), counter in self.counters.items():
-                if c == customer and p == period_start:
+                if c == customer and (p == start if end is None else start <= p < end):
                     q, r = totals.get(meter, (0, 0))
                     totals[meter] = (q + counter.quantity, r + counter.reported)
             return [MeterTotals(meter=m, quantity=q, reported=r) for m, (q, r) in totals.items()]
+
+    # -- billing periods -----------------------------------------------------------------------
+
+    def customer_billings(self, customers: Sequence[str]) -> Mapping[str, CustomerBilling]:
+        with self.lock:
+            return {
+                c: self.billings.get(c) or CustomerBilling(customer=c)
+                for c in dict.fromkeys(customers)
+            }
+
+    def customer_billing(self, customer: str) -> CustomerBilling:
+        return self.customer_billings([customer])[customer]
+
+    def save_billing(self, billing: CustomerBilling, expected_version: int) -> bool:
+        with self.lock:
+            if self.customer_billing(billing.customer).version != expected_version:
+                return False
+            self.billings[billing.customer] = billing.model_copy(
+                update={"version": expected_version + 1}
+            )
+            return True
+
+    def customer_counters(self, customer: str, since: str) -> Sequence[Counter]:
+        with self.lock:
+            return [
+                c
+                for (cu, p, _, _), c in sorted(self.counters.items())
+                if cu == customer and p >= since
+            ]
+
+    def cut(self, counter: Counter, period_end: int) -> bool:
+        with self.lock:
+            stored = self.counters[key_of(counter)]
+            return self._swap(
+                counter, stored.period_end == counter.period_end, period_end=period_end
+            )
+
+    def stripe_event_handled(self, event_id: str) -> bool:
+        return event_id in self.stripe_events
+
+    def remember_stripe_event(self, event_id: str, at: int) -> None:
+        self.stripe_events.add(event_id)
 
     # -- flush -------------------------------------------------------------------------------
 

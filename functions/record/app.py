@@ -5,6 +5,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from usage_meter.api import record_api
 from usage_meter.config import Settings
+from usage_meter.logic.record import LateUsage
 from usage_meter.observability import logger, metrics
 from usage_meter.store.dynamodb import DynamoStore
 
@@ -12,6 +13,7 @@ settings = Settings.from_env()
 app = record_api(
     meters=settings.meters,
     store=DynamoStore(settings.table_name, retention_days=settings.retention_days),
+    late=LateUsage(settings.late_usage_policy, settings.invoice_grace_seconds),
 )
 
 

@@ -10,12 +10,14 @@ have been used (a grant nothing uses is a privilege nobody needs).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 import requests
+import stripe
 
 from devtools.iam import Call, Role, Statement
 from devtools.local_stack import LocalStack, StackOptions, function_credentials
@@ -24,7 +26,13 @@ from usage_meter.logic.quarantine import REPLAY_GUARD
 
 pytestmark = pytest.mark.slow
 OPERATOR = "OperatorPolicy"  # the operators' command signs as the managed policy's holder
-FUNCTIONS = ("RecordFunction", "ReadFunction", "FlushFunction", "AuthorizerFunction")
+FUNCTIONS = (
+    "RecordFunction",
+    "ReadFunction",
+    "FlushFunction",
+    "AuthorizerFunction",
+    "StripeWebhookFunction",
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +97,30 @@ def event(customer: str, quantity: int, key: str) -> dict:
     }
 
 
+def subscribe(stack: LocalStack, customer: str) -> None:
+    """A monthly metered subscription in the Stripe stand-in; returns once its webhook was
+    delivered and answered 200."""
+    assert stack.stripe is not None
+    fake = stack.stripe
+    client = stripe.StripeClient("sk_test_local", base_addresses={"api": fake.url})
+    meter = fake.add_meter("ai_messages")
+    price = client.v1.prices.create(
+        params={
+            "currency": "usd",
+            "unit_amount": 1,
+            "product_data": {"name": "AI messages"},
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": meter["id"]},
+        }
+    )
+    fake.add_customer(customer)
+    delivered = len(fake.deliveries)
+    client.v1.subscriptions.create(params={"customer": customer, "items": [{"price": price.id}]})
+    deadline = time.monotonic() + 30
+    while not [d for d in fake.deliveries[delivered:] if d.get("status") == 200]:
+        assert time.monotonic() < deadline, fake.deliveries
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def toured(iam_stack: LocalStack) -> list[Call]:
     """Every path the functions have, once; the calls the gates saw."""
@@ -123,6 +155,13 @@ def toured(iam_stack: LocalStack) -> list[Call]:
     send("POST", "/v1/events", 401, event("cus_IamA", 1, "x"), Authorization="Bearer umk_x")
     send("POST", "/v1/events", 401, Authorization="Bearer umk_000000000000_" + "A" * 43)
     send("OPTIONS", "/v1/customers/cus_IamA/usage", 204, Origin="http://localhost:3000")
+    # Stripe: an unsigned webhook is refused; a subscription's signed one (its secret from
+    # Secrets Manager) stores cus_IamA's periods and cuts its calendar month's counter
+    send("POST", "/v1/stripe/webhook", 400, {"id": "evt_x"})
+    subscribe(stack, "cus_IamA")
+    assert send("GET", "/v1/customers/cus_IamA/usage", 200)["period"]["source"] == (
+        "stripe_subscription"
+    )
     # flush: Stripe refuses cus_IamGone for good, and the answer to its quarantine (a
     # transaction: the counter's update and the marker's put) is lost; the SDK retries it with
     # the same ClientRequestToken, which the table applies once
@@ -139,6 +178,9 @@ def toured(iam_stack: LocalStack) -> list[Call]:
         assert operator(stack, env, "keys", "list") == 0
         assert operator(stack, env, "keys", "revoke", "000000000000") == 1
         assert operator(stack, env, "quarantine", "list") == 0
+        env.setenv("STRIPE_API_KEY", "sk_test_local")
+        env.setenv("STRIPE_API_BASE", stack.stripe.url)
+        assert operator(stack, env, "stripe", "sync") == 0
         assert operator(stack, env, "quarantine", "replay", "--all") == 1
     # The guard's 15 minutes pass: the quarantine's time is moved back in the engine itself,
     # behind the gates, so no principal's calls change. Then the replay goes through.
@@ -215,8 +257,9 @@ def test_a_missing_grant_answers_500_as_it_would_deployed(iam_stack):
         replay = requests.post(url, json=body, headers=headers, timeout=30)
     finally:
         gate.roles["RecordFunction"] = role
-    # Then the new event is stored, and the replay, which needs BatchGetItem, fails
-    assert first.status_code == 202 and replay.status_code == 500
+    # Then both fail, as deployed: every record reads the customer's billing periods with
+    # BatchGetItem before it writes, so nothing is stored
+    assert first.status_code == 500 and replay.status_code == 500
     assert replay.json()["error"]["code"] == "internal_error"
     refused = [c for c in gate.calls if c.denied and c.principal == "RecordFunction"]
     assert refused and refused[-1].denied[0].action == "dynamodb:BatchGetItem"
@@ -251,4 +294,5 @@ def test_the_tour_covered_every_route_of_the_template(iam_stack, toured):
         "GET /v1/customers/{stripe_customer_id}/usage",
         "OPTIONS /v1/customers/{stripe_customer_id}/usage",
         "POST /v1/portal-tokens",
+        "POST /v1/stripe/webhook",
     }, "a new route needs its place in the tour above"

@@ -134,6 +134,8 @@ SAMPLE_RESULTS = {
     "record-batch.json": 202,
     "read-usage.json": 200,
     "issue-portal-token.json": 201,
+    # Signed with the local secret long ago: past Stripe's 300 s tolerance, so refused.
+    "stripe-webhook.json": 400,
 }
 
 

@@ -84,6 +84,10 @@ def run_schedule(world: World, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     figures: Tally[str] = Tally()
     customers = rng.randint(1, 5)
+    for customer in range(customers):  # most on Stripe periods renewed inside the usage's hours
+        if rng.random() < 0.7:
+            world.subscribe(f"cus_F{customer}", world.now() - rng.randrange(6 * 3600))
+            figures["anchored_customers"] += 1
     world.record_random(rng, rng.randint(10, 80), customers=customers)
     rejected = None
     if rng.random() < 0.5:  # Stripe refuses one customer until the operator fixes it

@@ -297,6 +297,26 @@ class Pause:
         self._resume.set()
 
 
+class Periods:
+    """The truth about billing periods, kept apart from the service's own logic: a customer on
+    a Stripe subscription has periods between its boundaries (set at arbitrary seconds), any
+    other has UTC calendar months."""
+
+    def __init__(self) -> None:
+        self.boundaries: dict[str, list[int]] = {}
+
+    def of(self, customer: str, timestamp: int) -> str:
+        edges = self.boundaries.get(customer, [])
+        starts = [edge for edge in edges[:-1] if edge <= timestamp]
+        if starts and timestamp < edges[-1]:
+            return period_key_of(starts[-1])
+        return period_key(calendar_month(datetime.fromtimestamp(timestamp, UTC)))
+
+
+def period_key_of(start: int) -> str:
+    return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass
 class Ledger:
     """What the service accepted, per (customer, meter, period): the truth both Stripe and the
@@ -304,21 +324,23 @@ class Ledger:
 
     accepted: Tally[Key] = field(default_factory=Tally)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    periods: Periods = field(default_factory=Periods)
 
     def add(self, customer: str, meter: str, quantity: int, timestamp: int) -> None:
         with self.lock:
-            self.accepted[(customer, meter, period_of(timestamp))] += quantity
+            self.accepted[(customer, meter, self.periods.of(customer, timestamp))] += quantity
 
 
 def period_of(timestamp: int) -> str:
     return period_key(calendar_month(datetime.fromtimestamp(timestamp, UTC)))
 
 
-def stripe_totals(stripe: FakeStripe) -> Tally[Key]:
+def stripe_totals(stripe: FakeStripe, periods: Periods) -> Tally[Key]:
     """What Stripe accepted, each identifier once, by the period its timestamp falls in."""
     totals: Tally[Key] = Tally()
     for event in stripe.accepted():
-        totals[(event.customer, event.event_name, period_of(event.timestamp))] += event.value
+        key = (event.customer, event.event_name, periods.of(event.customer, event.timestamp))
+        totals[key] += event.value
     return totals
 
 
@@ -357,7 +379,7 @@ def check_invariant(
     """
     counters = all_counters(client, table)
     by_id = {c.id: c for c in counters}
-    billed = stripe_totals(stripe)
+    billed = stripe_totals(stripe, ledger.periods)
     quarantined: Tally[Key] = Tally()
     left = 0
     for c in counters:

@@ -28,15 +28,21 @@ from tests.faults.harness import (
 )
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.logic.flush import Flusher, FlushPolicy
+from usage_meter.logic.periods import schedule_point
 from usage_meter.logic.quarantine import ReplayRefused, replay
-from usage_meter.logic.record import record_events
-from usage_meter.models.domain import Counter
+from usage_meter.logic.record import LateUsage, record_events
+from usage_meter.logic.subscriptions import sync
+from usage_meter.models.domain import Counter, ItemPeriods, SubscriptionRead
 from usage_meter.models.input import EventIn
 from usage_meter.models.output import FlushSummary
 from usage_meter.store.dynamodb import DynamoStore
 
 METERS = {"ai_messages", "api_calls"}
-FAST = FlushPolicy(reserve_seconds=1.0, backoff_base=0.01, backoff_cap=0.05)
+# Stripe's longest invoice grace (72 h): every period a schedule touches still takes usage.
+GRACE = 72 * 3600
+FAST = FlushPolicy(
+    reserve_seconds=1.0, backoff_base=0.01, backoff_cap=0.05, invoice_grace_seconds=GRACE
+)
 
 
 class Clock:
@@ -106,7 +112,14 @@ class World:
     def record(self, events: Iterable[dict[str, Any]], now: float | None = None) -> None:
         at = datetime.fromtimestamp(self.clock() if now is None else now, UTC)
         requests = [EventIn.model_validate(e) for e in events]
-        results = record_events(requests, meters=METERS, store=self.store, now=at, batch=True)
+        results = record_events(
+            requests,
+            meters=METERS,
+            store=self.store,
+            now=at,
+            batch=True,
+            late=LateUsage(grace_seconds=GRACE),
+        )
         for request, result in zip(requests, results, strict=True):
             if not result.duplicate:
                 when = request.timestamp or at
@@ -116,6 +129,29 @@ class World:
                     request.quantity,
                     int(when.timestamp()),
                 )
+
+    def subscribe(self, customer: str, renewal: int) -> None:
+        """Put the customer on a monthly Stripe subscription that renewed at `renewal` (any
+        second): the service learns it as from a webhook, the ledger keeps the truth."""
+        previous = schedule_point(renewal, "month", 1, -1)
+        following = schedule_point(renewal, "month", 1, 1)
+        self.ledger.periods.boundaries[customer] = [previous, renewal, following]
+        item = ItemPeriods(
+            item=f"si_{customer}",
+            meter="",  # a licensed item: every meter follows the customer's cycle
+            anchor=previous,  # the anchor Stripe reports is the original one
+            interval="month",
+            periods=((renewal, following),),
+        )
+        read = SubscriptionRead(
+            id=f"sub_{customer}",
+            customer=customer,
+            status="active",
+            read_at=self.clock(),
+            start_date=previous - 86_400,
+            items=(item,),
+        )
+        sync(read, self.store, self.now())
 
     def record_random(self, rng: random.Random, count: int, customers: int = 3) -> None:
         now = self.now()

@@ -14,7 +14,13 @@ from devtools.template import load_template
 ROOT = Path(__file__).resolve().parents[2]
 
 
-FUNCTIONS = ("RecordFunction", "FlushFunction", "ReadFunction", "AuthorizerFunction")
+FUNCTIONS = (
+    "RecordFunction",
+    "FlushFunction",
+    "ReadFunction",
+    "AuthorizerFunction",
+    "StripeWebhookFunction",
+)
 
 
 class _NoManagedPolicies(ManagedPolicyLoader):
@@ -88,6 +94,7 @@ def test_routes_are_the_contracts_routes(transformed):
         "GET /v1/customers/{stripe_customer_id}/usage",
         "POST /v1/portal-tokens",
         "OPTIONS /v1/customers/{stripe_customer_id}/usage",
+        "POST /v1/stripe/webhook",
     }
 
 
@@ -95,7 +102,7 @@ def test_every_route_is_guarded_by_the_lambda_authorizer(transformed):
     body = transformed["Resources"]["UsageApi"]["Properties"]["Body"]
     for path, methods in body["paths"].items():
         for method, operation in methods.items():
-            if method != "options":
+            if method != "options" and path != "/v1/stripe/webhook":
                 assert operation.get("security") == [{"KeyOrToken": []}], (method, path)
     authorizer = body["components"]["securitySchemes"]["KeyOrToken"][
         "x-amazon-apigateway-authorizer"
@@ -194,7 +201,20 @@ def test_no_statement_grants_a_wildcard_resource(transformed):
 def test_the_read_function_cannot_write(transformed):
     assert {a for a in actions(transformed, "ReadFunction") if a.startswith("dynamodb:")} == {
         "dynamodb:Query",
+        "dynamodb:BatchGetItem",
     }
+
+
+def test_stripes_webhook_is_signed_not_keyed_and_its_function_touches_only_customers(
+    transformed,
+):
+    paths = transformed["Resources"]["UsageApi"]["Properties"]["Body"]["paths"]
+    assert paths["/v1/stripe/webhook"]["post"]["security"] == [{"NONE": []}]
+    [table, secrets] = statements(transformed, "StripeWebhookFunction")
+    assert table["Condition"] == {
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["USAGE#*", "STRIPE_EVENT#*"]}
+    }
+    assert secrets["Action"] == ["secretsmanager:GetSecretValue"]
 
 
 def test_the_record_function_writes_but_cannot_read_the_backlog_or_secrets(transformed):
@@ -211,13 +231,14 @@ def secrets_readable_by(transformed: dict[str, Any], function: str) -> list[str]
     ]
 
 
-def test_only_the_flush_can_read_the_stripe_secret(transformed):
+def test_only_the_flush_and_the_webhook_can_read_the_stripe_secret(transformed):
     readers = {
         f
         for f in FUNCTIONS
         if any("StripeSecretName" in r for r in secrets_readable_by(transformed, f))
     }
-    assert readers == {"FlushFunction"}
+    # The flush sends usage; the webhook reads subscriptions back from Stripe
+    assert readers == {"FlushFunction", "StripeWebhookFunction"}
 
 
 def test_the_portal_token_secret_is_read_by_the_authorizer_and_the_issuer_only(transformed):

@@ -52,4 +52,5 @@ def test_there_is_a_sample_for_every_route_and_the_schedule():
         "read-usage.json",
         "record-batch.json",
         "record-event.json",
+        "stripe-webhook.json",
     ]

@@ -66,15 +66,19 @@ def test_the_routes_are_the_templates_httpapi_events(routes):
         ("POST", "/v1/events", "RecordFunction"),
         ("POST", "/v1/events/batch", "RecordFunction"),
         ("POST", "/v1/portal-tokens", "ReadFunction"),
+        ("POST", "/v1/stripe/webhook", "StripeWebhookFunction"),
     ]
 
 
-def test_every_route_but_the_cors_preflight_has_the_templates_authorizer(routes):
-    guarded = {(r.method, r.authorizer.function if r.authorizer else None) for r in routes.routes}
+def test_every_route_but_the_cors_preflight_and_stripes_webhook_has_the_authorizer(routes):
+    guarded = {(r.path, r.authorizer.function if r.authorizer else None) for r in routes.routes}
     assert guarded == {
-        ("GET", "AuthorizerFunction"),
-        ("POST", "AuthorizerFunction"),
-        ("OPTIONS", None),
+        ("/v1/customers/{stripe_customer_id}/usage", "AuthorizerFunction"),
+        ("/v1/events", "AuthorizerFunction"),
+        ("/v1/events/batch", "AuthorizerFunction"),
+        ("/v1/portal-tokens", "AuthorizerFunction"),
+        ("/v1/customers/{stripe_customer_id}/usage", None),  # the CORS preflight
+        ("/v1/stripe/webhook", None),  # Stripe signs it instead
     }
     [headers] = {r.authorizer.identity_headers for r in routes.routes if r.authorizer}
     assert headers == ("Authorization",)

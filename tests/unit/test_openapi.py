@@ -22,11 +22,13 @@ NOW = datetime(2026, 11, 26, 8, tzinfo=UTC)
 EVENT = {"stripe_customer_id": "cus_Q1w2E3r4", "meter": "ai_messages", "quantity": 1}
 REF_PREFIX = "#/components/schemas/"
 USAGE_ROUTE = "/v1/customers/{stripe_customer_id}/usage"
+WEBHOOK_ROUTE = "/v1/stripe/webhook"  # Stripe's: signed, not keyed; its body is Stripe's event
 ROUTES = {
     ("/v1/events", "post"): {"200", "202", "400", "401", "403", "409", "413", "422", "503"},
     ("/v1/events/batch", "post"): {"202", "400", "401", "403", "409", "413", "422", "503"},
     (USAGE_ROUTE, "get"): {"200", "401", "403", "422"},
     ("/v1/portal-tokens", "post"): {"201", "400", "401", "403", "413", "422"},
+    (WEBHOOK_ROUTE, "post"): {"200", "400"},
 }
 
 
@@ -121,7 +123,15 @@ def test_every_route_needs_a_bearer_credential(document: Document) -> None:
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert "umk_" in scheme["description"] and "upt_" in scheme["description"]
     assert document["security"] == [{"bearerAuth": []}]
-    assert all("security" not in operation for _, _, operation in operations(document))
+    assert all(
+        "security" not in operation
+        for path, _, operation in operations(document)
+        if path != WEBHOOK_ROUTE
+    )
+    # Stripe's webhook carries no bearer credential: its Stripe-Signature header is checked
+    [webhook] = [o for path, _, o in operations(document) if path == WEBHOOK_ROUTE]
+    assert webhook["security"] == []
+    assert [p["name"] for p in webhook["parameters"]] == ["Stripe-Signature"]
 
 
 # --- schemas come from the models ------------------------------------------------------------
@@ -139,8 +149,8 @@ def test_request_bodies_are_the_request_models(document: Document) -> None:
     # Given the request body of every operation that takes one
     bodies = {
         operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-        for _, _, operation in operations(document)
-        if "requestBody" in operation
+        for path, _, operation in operations(document)
+        if "requestBody" in operation and path != WEBHOOK_ROUTE
     }
     # When / Then they are exactly the request models, each required
     assert bodies == {REF_PREFIX + model.__name__ for model in openapi.REQUEST_MODELS}

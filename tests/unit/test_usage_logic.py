@@ -38,7 +38,7 @@ def test_allowance_billable_and_pending_follow_the_counters():
     # When the current usage is read
     usage = current_usage("cus_A1", included={"ai_messages": 1000}, store=store, now=NOW)
     # Then the DESIGN §4 figures come out, from this period only
-    out = usage.model_dump(mode="json")
+    out = usage.model_dump(mode="json", exclude_none=True)
     assert out["meters"] == [
         {
             "meter": "ai_messages",

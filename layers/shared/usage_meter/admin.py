@@ -7,6 +7,7 @@
     python -m usage_meter.admin --table TABLE keys create --name NAME --scopes record,read
     python -m usage_meter.admin --table TABLE keys list
     python -m usage_meter.admin --table TABLE keys revoke KEY_ID
+    STRIPE_API_KEY=sk_... python -m usage_meter.admin --table TABLE stripe sync
 
 `make admin ARGS="..."` runs it with the project's virtualenv. Output is one JSON object per line.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 
 from usage_meter.errors import UsageMeterError
-from usage_meter.logic import quarantine
+from usage_meter.logic import quarantine, subscriptions
 from usage_meter.logic.auth import create_api_key
 from usage_meter.models.auth import ApiKey, Scope
 from usage_meter.models.domain import Counter
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     key_actions.add_parser("list", help="every key: id, name, scopes, created, revoked")
     revoke = key_actions.add_parser("revoke", help="refuse a key from now on")
     revoke.add_argument("key_id")
+    stripe_command = commands.add_parser("stripe", help="the Stripe account's side")
+    stripe_actions = stripe_command.add_subparsers(dest="action", required=True)
+    stripe_actions.add_parser(
+        "sync",
+        help="read every subscription from Stripe and store its billing periods (the backfill "
+        "for customers who subscribed before the webhook was set up); safe to run again",
+    )
     args = parser.parse_args(argv)
     if not args.table:
         parser.error("--table (or TABLE_NAME) is required")
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _keys(args, store, parser)
+    if args.command == "stripe":
+        return _stripe_sync(store)
     if args.action == "list":
         for counter in store.quarantined():
             print(_show(counter))
@@ -96,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     for counter_id in ids:
         try:
             replayed = quarantine.replay(
-                store, counter_id, now=now, restamp=args.restamp, fresh=args.fresh
+                store,
+                counter_id,
+                now=now,
+                restamp=args.restamp,
+                fresh=args.fresh,
+                invoice_grace_seconds=int(float(os.environ.get("INVOICE_GRACE_HOURS", "1")) * 3600),
             )
             print(_show(replayed))
         except UsageMeterError as error:
@@ -125,6 +140,25 @@ def _keys(args: argparse.Namespace, store: DynamoStore, parser: argparse.Argumen
         return 0
     print(json.dumps({"key_id": args.key_id, "error": "not_found_or_already_revoked"}))
     return 1
+
+
+def _stripe_sync(store: DynamoStore) -> int:
+    from usage_meter.billing.stripe_subscriptions import StripeSubscriptions  # imports stripe
+
+    api_key = os.environ.get("STRIPE_API_KEY")
+    if not api_key:
+        print("set STRIPE_API_KEY to a key that may read subscriptions", file=sys.stderr)
+        return 2
+    reader = StripeSubscriptions(api_key, api_base=os.environ.get("STRIPE_API_BASE") or None)
+    synced = changed = cut = 0
+    for subscription in reader.all():
+        result = subscriptions.sync(subscription, store, int(time.time()))
+        synced += 1
+        changed += not result.stale
+        cut += result.counters_cut
+        print(json.dumps(result.__dict__))
+    print(json.dumps({"subscriptions": synced, "updated": changed, "counters_cut": cut}))
+    return 0
 
 
 def _public(key: ApiKey) -> dict[str, object]:

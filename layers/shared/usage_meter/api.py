@@ -24,6 +24,7 @@ from usage_meter.errors import (
     InvalidJson,
     NotFound,
     PayloadTooLarge,
+    PeriodClosed,
     StoreUnavailable,
     UsageMeterError,
     ValidationFailed,
@@ -36,7 +37,7 @@ from usage_meter.logic.auth import (
     from_context,
     issue_portal_token,
 )
-from usage_meter.logic.record import record_events
+from usage_meter.logic.record import DEFAULT_LATE_USAGE, LateUsage, record_events
 from usage_meter.logic.usage import current_usage
 from usage_meter.models.domain import RecordResult
 from usage_meter.models.input import BatchIn, CustomerId, EventIn, PortalTokenIn
@@ -53,6 +54,7 @@ _STATUS: dict[type[UsageMeterError], HTTPStatus] = {
     IdempotencyConflict: HTTPStatus.CONFLICT,
     PayloadTooLarge: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     ValidationFailed: HTTPStatus.UNPROCESSABLE_ENTITY,
+    PeriodClosed: HTTPStatus.UNPROCESSABLE_ENTITY,
     StoreUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
     Unauthenticated: HTTPStatus.UNAUTHORIZED,
     Forbidden: HTTPStatus.FORBIDDEN,
@@ -76,7 +78,7 @@ def _json(status: int, body: BaseModel) -> Response[str]:
     return Response(
         status_code=status,
         content_type=content_types.APPLICATION_JSON,
-        body=body.model_dump_json(),
+        body=body.model_dump_json(exclude_none=True),
     )
 
 
@@ -158,7 +160,11 @@ def validate[M: BaseModel](model: type[M], data: Any) -> M:
 
 
 def record_api(
-    *, meters: Mapping[str, object], store: EventStore, now: Clock = utc_now
+    *,
+    meters: Mapping[str, object],
+    store: EventStore,
+    now: Clock = utc_now,
+    late: LateUsage = DEFAULT_LATE_USAGE,
 ) -> APIGatewayHttpResolver:
     app = _resolver()
 
@@ -182,7 +188,7 @@ def record_api(
                 ],
             )
         event = validate(EventIn, data)
-        [result] = record_events([event], meters=meters, store=store, now=now())
+        [result] = record_events([event], meters=meters, store=store, now=now(), late=late)
         _count([result])
         status = HTTPStatus.OK if result.duplicate else HTTPStatus.ACCEPTED
         return _json(status, RecordOut(id=result.id, duplicate=result.duplicate))
@@ -197,7 +203,9 @@ def record_api(
                 [{"field": "Idempotency-Key", "message": "not accepted on the batch route"}],
             )
         batch = validate(BatchIn, data)
-        results = record_events(batch.events, meters=meters, store=store, now=now(), batch=True)
+        results = record_events(
+            batch.events, meters=meters, store=store, now=now(), batch=True, late=late
+        )
         _count(results)
         out = BatchOut(results=[RecordOut(id=r.id, duplicate=r.duplicate) for r in results])
         return _json(HTTPStatus.ACCEPTED, out)

@@ -3,7 +3,7 @@
 import json
 import os
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 
@@ -33,6 +33,12 @@ class Settings(BaseModel):
     portal_token_secret: SecretStr | None = None
     portal_token_secret_name: str | None = None
     portal_origins: tuple[str, ...] = ()
+    stripe_webhook_secret: SecretStr | None = None  # locally; several may be comma-separated
+    stripe_webhook_secret_name: str | None = None  # deployed: the Secrets Manager secret
+    # Usage for a period whose invoice Stripe finalized: refused (422) or billed in the current
+    # period. The grace period must match the one set in Stripe (1 h by default, up to 72 h).
+    late_usage_policy: Literal["reject", "current_period"] = "reject"
+    invoice_grace_hours: Annotated[float, Field(ge=0, le=72)] = 1.0
     # How long a warm container trusts a secret it fetched from Secrets Manager (rotation).
     secrets_max_age_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
 
@@ -72,11 +78,19 @@ class Settings(BaseModel):
             "portal_token_secret_name": env.get("PORTAL_TOKEN_SECRET_NAME") or None,
             "portal_origins": env.get("PORTAL_ORIGINS") or None,
             "secrets_max_age_seconds": env.get("SECRETS_MAX_AGE_SECONDS") or None,
+            "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET") or None,
+            "stripe_webhook_secret_name": env.get("STRIPE_WEBHOOK_SECRET_NAME") or None,
+            "late_usage_policy": env.get("LATE_USAGE_POLICY") or None,
+            "invoice_grace_hours": env.get("INVOICE_GRACE_HOURS") or None,
         }
         try:
             return cls.model_validate({k: v for k, v in raw.items() if v is not None})
         except ValueError as error:
             raise ConfigError(f"invalid configuration: {error}") from error
+
+    @property
+    def invoice_grace_seconds(self) -> int:
+        return int(self.invoice_grace_hours * 3600)
 
     def included(self, meter: str) -> int:
         return self.meters[meter].included

@@ -24,6 +24,12 @@ class ValidationFailed(UsageMeterError):
     code = "validation_error"
 
 
+class PeriodClosed(ValidationFailed):
+    """The event's billing period is closed: Stripe finalized (or is finalizing) its invoice."""
+
+    code = "period_closed"
+
+
 class IdempotencyConflict(UsageMeterError):
     code = "idempotency_conflict"
 

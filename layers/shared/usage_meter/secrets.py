@@ -29,6 +29,9 @@ REFRESH_INTERVAL = 30.0
 SIGNING_DELAY = 60.0
 # When Secrets Manager cannot be reached, the value fetched before keeps answering this long.
 RETRY_AFTER_ERROR = 30.0
+# Stripe signs with both secrets while a roll overlaps (up to a day): the previous version
+# stays accepted that long after a rotation.
+WEBHOOK_SECRET_OVERLAP = 24 * 3600.0
 # Covers SIGNING_DELAY and clock differences between containers and Secrets Manager.
 _GRACE_MARGIN = 300.0
 # The authorizer has 5 s: give up on a slow Secrets Manager rather than time out.
@@ -157,6 +160,38 @@ class Secrets:
         if self._settings.stripe_api_key is None and self._settings.stripe_api_key_secret:
             self.cache.expire(self._settings.stripe_api_key_secret)
 
+    # -- Stripe webhooks ---------------------------------------------------------------------
+
+    def stripe_webhook_secrets(self) -> list[str]:
+        """The endpoint's signing secrets: AWSCURRENT (it may list several, comma-separated,
+        while a roll overlaps), and AWSPREVIOUS for a day after a rotation."""
+        if self._settings.stripe_webhook_secret is not None:
+            return _split(self._settings.stripe_webhook_secret.get_secret_value())
+        name = self._webhook_secret_name()
+        current = self._current(name)
+        accepted = _split(current.value)
+        if self._age(current) < WEBHOOK_SECRET_OVERLAP:
+            previous = self.cache.get(name, PREVIOUS)
+            if previous is not None:
+                accepted += [s for s in _split(previous.value) if s not in accepted]
+        return accepted
+
+    def refreshed_stripe_webhook_secrets(self) -> list[str] | None:
+        """After a delivery matched none of the secrets: the secrets fetched again, if they
+        changed; None if not, or if fetched less than REFRESH_INTERVAL seconds ago."""
+        if self._settings.stripe_webhook_secret is not None:
+            return None
+        before = self.stripe_webhook_secrets()
+        if not self.cache.expire(self._webhook_secret_name(), unless_younger_than=REFRESH_INTERVAL):
+            return None
+        after = self.stripe_webhook_secrets()
+        return after if after != before else None
+
+    def _webhook_secret_name(self) -> str:
+        if self._settings.stripe_webhook_secret_name is None:
+            raise ConfigError("set STRIPE_WEBHOOK_SECRET or STRIPE_WEBHOOK_SECRET_NAME")
+        return self._settings.stripe_webhook_secret_name
+
     # -- portal tokens -----------------------------------------------------------------------
 
     def portal_token_signing_secret(self) -> bytes:
@@ -214,3 +249,7 @@ class Secrets:
 
     def _age(self, version: SecretVersion) -> float:
         return self.cache.clock() - version.created
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

@@ -65,6 +65,9 @@ class FlushPolicy:
     rate_limit_attempts: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
+    # Stripe's invoice finalization grace period: units of a period that ended longer ago than
+    # this would not be billed, so they are quarantined for an operator (replay --restamp).
+    invoice_grace_seconds: int = 3600
 
 
 @dataclass
@@ -164,6 +167,18 @@ class Flusher:
             if resumed:
                 reason += f"; sent before: check Stripe for {counter.identifier(decision)}"
             self._quarantine(counter, decision, reason)
+            return
+        if (
+            not resumed
+            and counter.period_source == "stripe_subscription"
+            and now >= counter.period_end + self._policy.invoice_grace_seconds
+        ):
+            self._quarantine(
+                counter,
+                decision,
+                "period_closed: the period's invoice is finalized and Stripe would not bill "
+                "these units; replay with restamp to bill them in the current period",
+            )
             return
         self._send(counter, decision, read_at, resumed=resumed)
 

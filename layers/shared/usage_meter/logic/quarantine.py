@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from usage_meter.errors import NotFound, UsageMeterError
 from usage_meter.logic.flush import IDENTIFIER_WINDOW, STALE_READ, too_old_for_stripe
-from usage_meter.logic.periods import calendar_month, period_key
+from usage_meter.logic.periods import period_for, period_key
 from usage_meter.models.domain import Counter
 from usage_meter.store import QuarantineStore
 
@@ -24,6 +24,7 @@ def replay(
     now: int,
     restamp: bool = False,
     fresh: bool = False,
+    invoice_grace_seconds: int = 3600,
 ) -> Counter:
     """Make a counter's quarantined units sendable again; the next flush sends them under a new
     decision, so a new identifier. A held decision (refused when resent: Stripe may have it) is
@@ -56,19 +57,26 @@ def replay(
             raise ReplayRefused(f"counter {counter_id} changed while replaying it; try again")
         return counter
     target = None
-    if too_old_for_stripe(counter.period_end - 1, now):
+    too_old = too_old_for_stripe(counter.period_end - 1, now)
+    closed = (
+        counter.period_source == "stripe_subscription"
+        and now >= counter.period_end + invoice_grace_seconds
+    )
+    if too_old or closed:
         if not restamp:
+            why = "ended more than Stripe's 35 days ago" if too_old else "has a finalized invoice"
             raise ReplayRefused(
-                f"counter {counter_id}'s period ended more than Stripe's 35 days ago, so Stripe "
-                "would refuse it again; replay it with restamp to bill the units in the current "
-                "period instead"
+                f"counter {counter_id}'s period {why}, so Stripe would not bill it there; replay "
+                "it with restamp to bill the units in the current period instead"
             )
-        period = calendar_month(datetime.fromtimestamp(now, UTC))
+        billing = store.customer_billings([counter.customer])[counter.customer]
+        period = period_for(billing, counter.meter, datetime.fromtimestamp(now, UTC))
         target = Counter(
             customer=counter.customer,
             meter=counter.meter,
             period_start=period_key(period),
             period_end=int(period.end.timestamp()),
+            period_source=period.source,
         )
     if not store.replay(counter, restamp_to=target):
         raise ReplayRefused(f"counter {counter_id} changed while replaying it; try again")

@@ -4,12 +4,13 @@ import hashlib
 import json
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from usage_meter.errors import IdempotencyConflict, ValidationFailed
-from usage_meter.logic.periods import calendar_month
-from usage_meter.models.domain import RecordResult, UsageEvent
+from usage_meter.errors import IdempotencyConflict, PeriodClosed, ValidationFailed
+from usage_meter.logic.periods import closes_at, is_closed, period_for, rfc3339
+from usage_meter.models.domain import CustomerBilling, Period, RecordResult, UsageEvent
 from usage_meter.models.input import EventIn
 from usage_meter.store import EventStore
 
@@ -17,6 +18,18 @@ from usage_meter.store import EventStore
 # the flush has two days to deliver an old event before Stripe would refuse it.
 MAX_FUTURE = timedelta(minutes=5)
 MAX_AGE = timedelta(days=33)
+
+
+@dataclass(frozen=True)
+class LateUsage:
+    """What happens to usage whose period's invoice Stripe has finalized (or is about to):
+    `reject` refuses it (422 period_closed); `current_period` bills it in the current period."""
+
+    policy: Literal["reject", "current_period"] = "reject"
+    grace_seconds: int = 3600  # the invoice finalization grace period set in Stripe
+
+
+DEFAULT_LATE_USAGE = LateUsage()
 
 
 def event_id(customer: str, idempotency_key: str | None) -> str:
@@ -52,7 +65,26 @@ def _problems(request: EventIn, meters: Collection[str], now: datetime) -> list[
     return problems
 
 
-def _to_event(request: EventIn, now: datetime) -> UsageEvent:
+def _period(
+    request: EventIn, billing: CustomerBilling, now: datetime, late: LateUsage
+) -> Period | dict[str, Any]:
+    """The period the event is billed in, or the problem when that period is closed."""
+    period = period_for(billing, request.meter, request.timestamp or now)
+    # Only a subscription's period has an invoice to close; a calendar month bills nothing.
+    if period.source == "calendar_month" or not is_closed(period, now, late.grace_seconds):
+        return period
+    if late.policy == "current_period":
+        return period_for(billing, request.meter, now)
+    return {
+        "field": "timestamp",
+        "type": "period_closed",
+        "message": f"the billing period {rfc3339(period.start)} to {rfc3339(period.end)} closed "
+        f"at {rfc3339(closes_at(period, late.grace_seconds))}: Stripe finalizes its invoice and "
+        "would not bill this usage",
+    }
+
+
+def _to_event(request: EventIn, now: datetime, period: Period) -> UsageEvent:
     when = request.timestamp or now
     return UsageEvent(
         id=event_id(request.stripe_customer_id, request.idempotency_key),
@@ -61,10 +93,42 @@ def _to_event(request: EventIn, now: datetime) -> UsageEvent:
         quantity=request.quantity,
         event_time=int(when.timestamp()),
         received_at=int(now.timestamp()),
-        period=calendar_month(when),
+        period=period,
         idempotency_key=request.idempotency_key,
         fingerprint=_fingerprint(request),
     )
+
+
+def _periods(
+    requests: Sequence[EventIn], store: EventStore, now: datetime, late: LateUsage, batch: bool
+) -> list[Period]:
+    """Each event's billing period; raises PeriodClosed for new events in a closed period (a
+    replay of a stored one still answers as a replay)."""
+    billings = store.customer_billings([r.stripe_customer_id for r in requests])
+    periods: list[Period] = []
+    closed: dict[int, dict[str, Any]] = {}
+    for index, request in enumerate(requests):
+        billing = billings[request.stripe_customer_id]
+        found = _period(request, billing, now, late)
+        if isinstance(found, dict):
+            closed[index] = found
+            found = period_for(billing, request.meter, now)  # used only if it is a replay
+        periods.append(found)
+    if closed:
+        keyed = {
+            i: event_id(requests[i].stripe_customer_id, requests[i].idempotency_key)
+            for i in closed
+            if requests[i].idempotency_key is not None
+        }
+        stored = store.fingerprints(list(keyed.values())) if keyed else {}
+        details = [
+            {**problem, "field": _where(i, "timestamp", batch)}
+            for i, problem in closed.items()
+            if keyed.get(i) not in stored
+        ]
+        if details:
+            raise PeriodClosed("usage for a closed billing period", details)
+    return periods
 
 
 def _where(index: int, field: str, batch: bool) -> str:
@@ -78,6 +142,7 @@ def record_events(
     store: EventStore,
     now: datetime,
     batch: bool = False,
+    late: LateUsage = DEFAULT_LATE_USAGE,
 ) -> list[RecordResult]:
     """Validate every event, then store the new ones. Nothing is stored unless all are valid."""
     details = [
@@ -101,7 +166,8 @@ def record_events(
     if details:
         raise ValidationFailed("the request is not valid", details)
 
-    events = [_to_event(request, now) for request in requests]
+    periods = _periods(requests, store, now, late, batch)
+    events = [_to_event(r, now, p) for r, p in zip(requests, periods, strict=True)]
     # A batch checks for conflicting replays first, so a 409 stores nothing.
     keyed = [e.id for e in events if e.idempotency_key is not None]
     stored = dict(store.fingerprints(keyed)) if batch and keyed else {}

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-PeriodSource = Literal["calendar_month", "subscription"]
+PeriodSource = Literal["calendar_month", "stripe_subscription"]
+Interval = Literal["day", "week", "month", "year"]
 
 
 class Period(BaseModel):
@@ -18,6 +19,62 @@ class Period(BaseModel):
 
     def contains(self, moment: datetime) -> bool:
         return self.start <= moment < self.end
+
+
+class ItemPeriods(BaseModel):
+    """One metered subscription item's billing periods, as synced from Stripe."""
+
+    model_config = ConfigDict(frozen=True)
+
+    item: str
+    meter: str  # the event_name of the Meter its price bills
+    anchor: int  # billing_cycle_anchor, Unix seconds
+    interval: Interval
+    interval_count: int = 1
+    # Known periods [start, end), oldest first, never overlapping: the current one last.
+    periods: tuple[tuple[int, int], ...] = ()
+    renews: bool = True  # the next period follows the last on the anchor's schedule
+
+
+class Subscription(BaseModel):
+    """A customer's subscription as the service last read it from Stripe."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    customer: str
+    status: str
+    read_at: float  # when it was read from Stripe: an older read never replaces a newer one
+    items: tuple[ItemPeriods, ...] = ()
+
+
+class SubscriptionRead(BaseModel):
+    """A subscription as just read from Stripe: each item carries its current period only."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    customer: str
+    status: str
+    read_at: float
+    start_date: int
+    ended_at: int | None = None  # set once canceled: no period runs past it
+    items: tuple[ItemPeriods, ...] = ()
+
+
+class CustomerBilling(BaseModel):
+    """Every subscription the service knows for one customer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    customer: str
+    subscriptions: dict[str, Subscription] = {}
+    version: int = 0  # bumped on every write: syncs update it optimistically
+
+    def items_for(self, meter: str) -> list[ItemPeriods]:
+        """The items billing this meter; without any, every item, as the customer's cycle."""
+        items = [i for s in self.subscriptions.values() for i in s.items]
+        return [i for i in items if i.meter == meter] or items
 
 
 class UsageEvent(BaseModel):
@@ -77,6 +134,8 @@ class Counter(BaseModel):
     # The table it lives in: two stacks reporting to one Stripe account never share identifiers.
     namespace: str = ""
     period_end: int  # Unix seconds, exclusive
+    # A subscription's period closes when Stripe finalizes its invoice; a calendar month never.
+    period_source: PeriodSource = "calendar_month"
     shard: int = 0
     quantity: int = 0  # every accepted unit
     reported: int = 0  # units Stripe confirmed

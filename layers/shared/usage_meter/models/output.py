@@ -41,6 +41,8 @@ class MeterUsageOut(BaseModel):
     included: int
     included_remaining: int
     billable: int
+    # Only when this meter's period differs from the customer's (an item on its own cycle).
+    period: PeriodOut | None = None
 
 
 class UsageOut(BaseModel):

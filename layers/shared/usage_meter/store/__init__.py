@@ -3,10 +3,16 @@
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
-from usage_meter.models.domain import Counter, Decision, MeterTotals, UsageEvent
+from usage_meter.models.domain import Counter, CustomerBilling, Decision, MeterTotals, UsageEvent
 
 
-class EventStore(Protocol):
+class BillingReader(Protocol):
+    def customer_billings(self, customers: Sequence[str]) -> Mapping[str, CustomerBilling]:
+        """Each customer's known Stripe subscriptions (an empty record when none)."""
+        ...
+
+
+class EventStore(BillingReader, Protocol):
     def fingerprints(self, event_ids: Sequence[str]) -> Mapping[str, str]:
         """Fingerprints of the events among these ids that are already stored."""
         ...
@@ -20,8 +26,13 @@ class EventStore(Protocol):
         ...
 
 
-class UsageReader(Protocol):
-    def period_totals(self, customer: str, period_start: str) -> Sequence[MeterTotals]: ...
+class UsageReader(BillingReader, Protocol):
+    def period_totals(
+        self, customer: str, start: str, end: str | None = None
+    ) -> Sequence[MeterTotals]:
+        """Totals per meter of the counters whose period starts at `start` or, given `end`,
+        anywhere in [start, end)."""
+        ...
 
 
 class CounterStore(Protocol):
@@ -55,7 +66,7 @@ class CounterStore(Protocol):
         ...
 
 
-class QuarantineStore(Protocol):
+class QuarantineStore(BillingReader, Protocol):
     def quarantined(self) -> Sequence[Counter]: ...
 
     def quarantined_counter(self, counter_id: str) -> Counter | None: ...

@@ -3,7 +3,9 @@
 Items, all in one table:
   event       pk EVENT#<id>                 sk EVENT
   counter     pk USAGE#<customer>           sk PERIOD#<period start>#METER#<meter>#<shard>
+  billing     pk USAGE#<customer>           sk BILLING  (the customer's Stripe subscription periods)
   quarantine  pk QUARANTINE                 sk <counter id>  (a counter with refused units)
+  webhook     pk STRIPE_EVENT#<event id>    sk STRIPE_EVENT  (a Stripe event already handled)
   api key     pk APIKEY#<key id>            sk APIKEY  (the secret's hash, never the secret)
 The sparse `backlog` index (keys only) holds exactly the counters with units not yet reported:
 the record transaction puts a counter in, the flush takes it out once nothing is left to send.
@@ -11,6 +13,7 @@ Its partition key is spread over SHARDS values, so no index partition is hot.
 """
 
 import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,7 +26,14 @@ from botocore.exceptions import ClientError
 from usage_meter.errors import StoreUnavailable
 from usage_meter.logic.periods import period_key
 from usage_meter.models.auth import ApiKey, Scope
-from usage_meter.models.domain import Counter, Decision, MeterTotals, UsageEvent
+from usage_meter.models.domain import (
+    Counter,
+    CustomerBilling,
+    Decision,
+    MeterTotals,
+    Subscription,
+    UsageEvent,
+)
 
 INDEX = "backlog"
 SHARDS = 16
@@ -162,7 +172,7 @@ class DynamoStore:
     def _writes(
         self,
         events: list[UsageEvent],
-        counters: Mapping[CounterId, tuple[int, int]],
+        counters: Mapping[CounterId, tuple[int, UsageEvent]],
         shards: Mapping[CounterId, int],
     ) -> list[Item]:
         writes: list[Item] = [
@@ -177,7 +187,7 @@ class DynamoStore:
         ]
         # Counters outlive the events they count by two periods' worth of margin.
         expires = int(self._clock()) + self._retention + 62 * DAY
-        for (customer, start, meter), (quantity, end) in counters.items():
+        for (customer, start, meter), (quantity, event) in counters.items():
             shard = shards.get((customer, start, meter), 0)
             counter_key = _counter_key(customer, start, meter, shard)
             writes.append(
@@ -188,7 +198,8 @@ class DynamoStore:
                         # The backlog keys never change while set, so a write to a counter
                         # already in the backlog costs no index write.
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
-                        " period_start = :p, period_end = :e, counter_shard = :h, expires_at = :x,"
+                        " period_start = :p, counter_shard = :h, expires_at = :x,"
+                        " period_source = :ps, period_end = if_not_exists(period_end, :e),"
                         " backlog_pk = if_not_exists(backlog_pk, :bp),"
                         " backlog_sk = if_not_exists(backlog_sk, :bs)",
                         "ExpressionAttributeValues": {
@@ -196,7 +207,8 @@ class DynamoStore:
                             ":c": _s(customer),
                             ":m": _s(meter),
                             ":p": _s(start),
-                            ":e": _n(end),
+                            ":e": _n(int(event.period.end.timestamp())),
+                            ":ps": _s(event.period.source),
                             ":h": _n(shard),
                             ":x": _n(expires),
                             ":bp": _s(_backlog_shard(counter_key)),
@@ -225,14 +237,87 @@ class DynamoStore:
             item["idempotency_key"] = _s(event.idempotency_key)
         return item
 
-    # -- reading -----------------------------------------------------------------------------
+    # -- billing periods ---------------------------------------------------------------------
 
-    def period_totals(self, customer: str, period_start: str) -> Sequence[MeterTotals]:
+    def customer_billing(self, customer: str) -> CustomerBilling:
+        return self.customer_billings([customer])[customer]
+
+    def customer_billings(self, customers: Sequence[str]) -> Mapping[str, CustomerBilling]:
+        """Each customer's known subscriptions (none when never synced): one read per 100."""
+        unique = list(dict.fromkeys(customers))
+        found = {
+            item["customer"]["S"]: _to_billing(item)
+            for item in self._batch_get([_billing_key(c) for c in unique])
+        }
+        return {c: found.get(c) or CustomerBilling(customer=c) for c in unique}
+
+    def save_billing(self, billing: CustomerBilling, expected_version: int) -> bool:
+        subscriptions = {k: v.model_dump(mode="json") for k, v in billing.subscriptions.items()}
+        condition = "version = :seen" if expected_version else "attribute_not_exists(pk)"
+        values = {
+            ":c": _s(billing.customer),
+            ":subs": _s(json.dumps(subscriptions, separators=(",", ":"))),
+            ":next": _n(expected_version + 1),
+        }
+        if expected_version:
+            values[":seen"] = _n(expected_version)
+        return self._update_if(
+            _billing_key(billing.customer),
+            "SET customer = :c, subscriptions = :subs, version = :next",
+            condition,
+            values,
+        )
+
+    def customer_counters(self, customer: str, since: str) -> Sequence[Counter]:
         items = self._query(
-            KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
+            KeyConditionExpression="pk = :pk AND sk BETWEEN :from AND :to",
             ExpressionAttributeValues={
                 ":pk": _s(f"USAGE#{customer}"),
-                ":prefix": _s(f"PERIOD#{period_start}#METER#"),
+                ":from": _s(f"PERIOD#{since}"),
+                ":to": _s("PERIOD#~"),
+            },
+            ConsistentRead=True,
+        )
+        return [_to_counter(item, self._table) for item in items]
+
+    def cut(self, counter: Counter, period_end: int) -> bool:
+        return self._update_if(
+            _key_of(counter),
+            "SET period_end = :new",
+            "period_end = :old",
+            {":new": _n(period_end), ":old": _n(counter.period_end)},
+        )
+
+    def stripe_event_handled(self, event_id: str) -> bool:
+        item = self._db.get_item(
+            TableName=self._table, Key=_stripe_event_key(event_id), ConsistentRead=True
+        ).get("Item")
+        return item is not None
+
+    def remember_stripe_event(self, event_id: str, at: int) -> None:
+        # Stripe retries a delivery for up to three days: remember it a little longer.
+        self._db.put_item(
+            TableName=self._table,
+            Item={
+                **_stripe_event_key(event_id),
+                "handled_at": _n(at),
+                "expires_at": _n(at + 4 * DAY),
+            },
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def period_totals(
+        self, customer: str, start: str, end: str | None = None
+    ) -> Sequence[MeterTotals]:
+        """The counters of the period starting at `start` (RFC 3339); given its `end`, also any
+        shorter period a subscription change left inside it."""
+        items = self._query(
+            KeyConditionExpression="pk = :pk AND sk BETWEEN :from AND :to",
+            ExpressionAttributeValues={
+                ":pk": _s(f"USAGE#{customer}"),
+                ":from": _s(f"PERIOD#{start}#"),
+                ":to": _s(f"PERIOD#{end}" if end else f"PERIOD#{start}#~"),
             },
             ConsistentRead=True,
         )
@@ -456,7 +541,8 @@ class DynamoStore:
                         "TableName": self._table,
                         "Key": target,
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
-                        " period_start = :p, period_end = :e, counter_shard = :h,"
+                        " period_start = :p, period_end = if_not_exists(period_end, :e),"
+                        " period_source = :ps, counter_shard = :h,"
                         " expires_at = if_not_exists(expires_at, :x),"
                         " backlog_pk = if_not_exists(backlog_pk, :bp),"
                         " backlog_sk = if_not_exists(backlog_sk, :bs)",
@@ -467,6 +553,7 @@ class DynamoStore:
                             ":m": _s(restamp_to.meter),
                             ":p": _s(restamp_to.period_start),
                             ":e": _n(restamp_to.period_end),
+                            ":ps": _s(restamp_to.period_source),
                             ":h": _n(restamp_to.shard),
                             ":bp": _s(_backlog_shard(target)),
                             ":bs": target["sk"],
@@ -582,13 +669,13 @@ class DynamoStore:
                 raise StoreUnavailable("the usage table is busy; retry the request")
 
 
-def _counters_of(events: Sequence[UsageEvent]) -> dict[CounterId, tuple[int, int]]:
-    """Each counter the events add to, in order of first use: (units, period end)."""
-    counters: dict[CounterId, tuple[int, int]] = {}
+def _counters_of(events: Sequence[UsageEvent]) -> dict[CounterId, tuple[int, UsageEvent]]:
+    """Each counter the events add to, in order of first use: (units, an event of it)."""
+    counters: dict[CounterId, tuple[int, UsageEvent]] = {}
     for event in events:
         counter = (event.customer, period_key(event.period), event.meter)
-        quantity, _ = counters.get(counter, (0, 0))
-        counters[counter] = (quantity + event.quantity, int(event.period.end.timestamp()))
+        quantity, _ = counters.get(counter, (0, event))
+        counters[counter] = (quantity + event.quantity, event)
     return counters
 
 
@@ -605,6 +692,23 @@ def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEven
         counters.add(counter)
     if chunk:
         yield chunk
+
+
+def _billing_key(customer: str) -> Item:
+    return {"pk": _s(f"USAGE#{customer}"), "sk": _s("BILLING")}
+
+
+def _stripe_event_key(event_id: str) -> Item:
+    return {"pk": _s(f"STRIPE_EVENT#{event_id}"), "sk": _s("STRIPE_EVENT")}
+
+
+def _to_billing(item: Item) -> CustomerBilling:
+    subscriptions = json.loads(item["subscriptions"]["S"])
+    return CustomerBilling(
+        customer=item["customer"]["S"],
+        subscriptions={k: Subscription.model_validate(v) for k, v in subscriptions.items()},
+        version=int(item["version"]["N"]),
+    )
 
 
 def _api_key_key(key_id: str) -> Item:
@@ -646,6 +750,7 @@ def _to_counter(item: Item, namespace: str) -> Counter:
         meter=item["meter"]["S"],
         period_start=item["period_start"]["S"],
         period_end=number("period_end"),
+        period_source=item["period_source"]["S"] if "period_source" in item else "calendar_month",
         shard=number("counter_shard"),
         quantity=number("quantity"),
         reported=number("reported"),

@@ -1,0 +1,92 @@
+"""POST /v1/stripe/webhook: Stripe's subscription events keep customers' billing periods.
+
+No API authorizer: Stripe signs every delivery, and the signature is checked on the raw body.
+"""
+
+import base64
+import json
+import time
+
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from usage_meter.billing.stripe_subscriptions import (
+    SUBSCRIPTION_EVENTS,
+    InvalidSignature,
+    StripeSubscriptions,
+    verify_webhook,
+)
+from usage_meter.config import Settings
+from usage_meter.logic.subscriptions import handle_subscription_event
+from usage_meter.observability import logger, metrics
+from usage_meter.secrets import Secrets
+from usage_meter.store.dynamodb import DynamoStore
+
+settings = Settings.from_env()
+store = DynamoStore(settings.table_name, retention_days=settings.retention_days)
+secrets = Secrets(settings)
+_readers: dict[str, StripeSubscriptions] = {}
+
+
+def _reader() -> StripeSubscriptions:
+    key = secrets.stripe_api_key()
+    if key not in _readers:  # one client per key: a rotated key gets a new one
+        _readers.clear()
+        _readers[key] = StripeSubscriptions(
+            key, api_base=settings.stripe_api_base, timeout_seconds=settings.stripe_timeout_seconds
+        )
+    return _readers[key]
+
+
+def _answer(status: int, body: dict) -> dict:
+    return {
+        "statusCode": status,
+        "headers": {"content-type": "application/json"},
+        "body": json.dumps(body),
+    }
+
+
+def _verified(payload: bytes, signature: str | None) -> object:
+    try:
+        return verify_webhook(payload, signature, secrets.stripe_webhook_secrets())
+    except InvalidSignature:
+        # The secret may have been rolled since this container fetched it.
+        refreshed = secrets.refreshed_stripe_webhook_secrets()
+        if refreshed is None:
+            raise
+        return verify_webhook(payload, signature, refreshed)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    body = event.get("body") or ""
+    payload = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+    try:
+        stripe_event = _verified(payload, headers.get("stripe-signature"))
+    except InvalidSignature as error:
+        logger.warning("webhook refused", extra={"reason": str(error)})
+        metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+        return _answer(400, {"error": {"code": "invalid_signature", "message": str(error)}})
+    event_id, event_type = stripe_event["id"], stripe_event["type"]  # type: ignore[index]
+    if event_type not in SUBSCRIPTION_EVENTS:
+        return _answer(200, {"received": True, "handled": False})
+    now = int(time.time())
+    subscription_id = stripe_event["data"]["object"]["id"]  # type: ignore[index]
+    outcome = handle_subscription_event(
+        event_id, subscription_id, reader=_reader(), store=store, now=now
+    )
+    lag = now - int(stripe_event["created"])  # type: ignore[index]
+    metrics.add_metric(name="WebhookLagSeconds", unit=MetricUnit.Seconds, value=max(lag, 0))
+    logger.info(
+        "subscription event",
+        extra={
+            "event": event_id,
+            "type": event_type,
+            "handled": outcome.handled,
+            "lag_seconds": lag,
+            "sync": outcome.sync.__dict__ if outcome.sync else None,
+        },
+    )
+    return _answer(200, {"received": True, "handled": outcome.handled})
