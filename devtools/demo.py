@@ -68,6 +68,14 @@ def _record(api_url: str, session: requests.Session, events: list[dict[str, Any]
     return True
 
 
+def received_totals(totals: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """The stand-in's totals per (customer, meter) as JSON can hold them: customer → meter."""
+    nested: dict[str, dict[str, int]] = {}
+    for (customer, meter), value in sorted(totals.items()):
+        nested.setdefault(customer, {})[meter] = value
+    return nested
+
+
 def run(stack: LocalStack, customers: list[str]) -> int:
     assert stack.api_url is not None and stack.backends is not None
     stripe_where = f"{stack.stripe.url} (loopback stand-in)" if stack.stripe else "real API"
@@ -94,7 +102,7 @@ def run(stack: LocalStack, customers: list[str]) -> int:
             f"(customer, meter, period) counter, {summary['units_reported']} units"
         )
     if stack.stripe:
-        _say(f"Stripe received {stack.stripe.totals()}")
+        _say(f"Stripe received {json.dumps(received_totals(stack.stripe.totals()))}")
 
     for customer in customers:
         issued = app.post(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from datetime import datetime
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--flush-every",
         type=float,
         metavar="SECONDS",
-        help="run the flush this often instead of the template's FlushSchedule (0: never)",
+        help="run the flush this often instead of the template's FlushSchedule\n"
+        "(0: only on POST /_local/flush)",
     )
     parser.add_argument("--no-build", action="store_true", help="use .aws-sam/build as it is")
     parser.add_argument(
@@ -91,6 +93,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="template parameters, as for sam (e.g. FlushSchedule='rate(1 minute)')",
     )
     return parser.parse_args(argv)
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why the API cannot listen on port, or None when it can. Checked before `sam build`, so
+    a taken port fails at once rather than after the build."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the API server does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def _row(label: str, value: str) -> str:
@@ -161,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     running = read_live_state(STATE_FILE)
     if running is not None:
         say(f"a local stack is already running (pid {running.pid}): {running.api_url}")
+        return 1
+    taken = port_taken(args.port) if args.port else None
+    if taken is not None:
+        say(
+            f"cannot start: port {args.port} is taken ({taken}); stop what uses it, or choose "
+            f'another: make dev ARGS="--port {args.port + 100}"'
+        )
         return 1
     portal: DemoPortal | None = None
     try:

@@ -128,8 +128,9 @@ class DynamoDBLocal(Service):
         self.port = port or _free_port()
         # Absolute: the engine runs in another working directory.
         self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
-        # DynamoDB Local has no bind-address option (it listens on all interfaces); host is only
-        # where clients connect.
+        # DynamoDB Local has no bind-address option (it listens on all interfaces: checked with
+        # `-help` for release 3.3.0; README, "Run it locally", says what that exposes); host is
+        # only where clients connect.
         self.host = host
         self.jar = jar or find_jar()
         self.java_opts = java_opts

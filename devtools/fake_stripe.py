@@ -17,16 +17,33 @@ webhook endpoints from a delivery thread, signed like Stripe (``Stripe-Signature
 retried with backoff; tests can hold, reorder and repeat deliveries and roll endpoint secrets.
 ``totals_by_period()`` says where Stripe would bill each accepted meter event.
 
+Asynchronous validation (``async_validation=True``): like Stripe, the fake then answers 200 for
+a meter event it can only reject later (no active meter for its event_name, an inactive one, a
+customer that does not exist, a payload without the meter's keys), keeps it out of
+``accepted()``, ``totals()`` and meter event summaries, lists it in ``rejected_async()``, and
+``error_report_delay`` seconds later reports the failures as v2 events
+(``v1.billing.meter.error_report_triggered`` per meter, ``v1.billing.meter.no_meter_found``)
+whose samples name at most ``max_error_samples`` identifiers per error code. Thin event
+notifications of those go to the event destinations (``POST /v2/core/event_destinations``)
+signed like webhooks; ``GET /v2/core/events/{id}`` serves the full event.
+``GET /v1/billing/meters/{id}/event_summaries`` aggregates the accepted events per customer
+and window, each event only ``summary_delay`` seconds (fake clock) after it was accepted.
+
 Point a client at it with::
 
     stripe.StripeClient("sk_test_x", base_addresses={"api": fake.url, "meter_events": fake.url})
 
 Run it by hand with ``python -m devtools.fake_stripe --port 12111`` (add ``--webhook-url URL``
 and optionally ``--webhook-secret whsec_...`` to register a webhook endpoint at start). Routes
-under ``/_fake/`` are not Stripe API: ``GET /_fake/meter_events`` lists what it accepted,
-``GET /_fake/billing_periods`` where those events bill, ``GET /_fake/deliveries`` every
-webhook attempt, ``POST /_fake/subscriptions/{id}/renew`` ends a subscription's current period
-now and starts the next one, and ``POST /_fake/reset`` forgets everything.
+under ``/_fake/`` are not Stripe API: ``GET /_fake/meter_events`` lists what it accepted
+(and, under ``rejected_async``, what it rejected after the fact), ``GET /_fake/billing_periods``
+where those events bill, ``GET /_fake/deliveries`` every webhook and event destination attempt,
+``GET /_fake/error_reports`` the error report events so far, ``POST /_fake/error_reports/flush``
+reports the pending failures now, ``POST /_fake/summary_offsets`` (JSON ``customer``,
+``event_name``, ``delta``, optional ``timestamp``) skews meter event summaries,
+``POST /_fake/subscriptions/{id}/renew`` ends a subscription's current period now and starts
+the next one, and ``POST /_fake/reset`` forgets everything. ``--async-validation`` and
+``--event-destination-url`` turn the asynchronous side on from the command line.
 
 Standard library only, so the local stack and the tests need nothing beyond Python.
 """
@@ -63,7 +80,7 @@ from dataclasses import asdict, dataclass, field, replace
 from email.message import Message
 from types import FrameType
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from devtools.service import Service
 
@@ -104,6 +121,19 @@ _FAULT_OPTIONS: dict[str, frozenset[str]] = {
 }
 _FILTER_OPTIONS = frozenset({"customer", "event_name"})
 
+# Asynchronous validation: the thin events it sends and the error codes in their reports.
+ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
+NO_METER_EVENT = "v1.billing.meter.no_meter_found"
+THIN_EVENT_TYPES = (ERROR_REPORT_EVENT, NO_METER_EVENT)
+ASYNC_ERROR_CODES = (
+    "no_meter",
+    "archived_meter",
+    "meter_event_no_customer_defined",
+    "meter_event_invalid_value",
+    "meter_event_customer_not_found",
+)
+DEFAULT_MAX_ERROR_SAMPLES = 3
+
 
 @dataclass(frozen=True)
 class MeterEvent:
@@ -115,6 +145,29 @@ class MeterEvent:
     value: int
     timestamp: int
     created: int
+
+
+@dataclass(frozen=True)
+class RejectedMeterEvent:
+    """A meter event answered 200, then rejected by asynchronous validation."""
+
+    identifier: str
+    code: str  # one of ASYNC_ERROR_CODES
+    message: str
+    customer: str
+    event_name: str
+    value: int
+    timestamp: int
+    created: int
+
+
+@dataclass(frozen=True)
+class _PendingError:
+    """A rejection waiting for the next error report."""
+
+    rejected: RejectedMeterEvent
+    meter_id: str | None  # the meter the report is about; None: no_meter_found
+    at: float  # the fake's clock when it failed
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: deque.remove() takes this very fault
@@ -196,6 +249,7 @@ TICK_SECONDS = 1.0
 DEFAULT_LIST_LIMIT = 10
 MAX_LIST_LIMIT = 100
 TEST_CLOCK_LIFETIME = 7 * 24 * 3600
+DEFAULT_V2_LIST_LIMIT = 20
 WEBHOOK_USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
 
 _DAY = 24 * 3600
@@ -207,6 +261,8 @@ _INTEGER = re.compile(r"-?\d{1,18}")
 _DECIMAL = re.compile(r"\d{1,18}(\.\d{1,12})?")
 _CURRENCY = re.compile(r"[a-z]{3}")
 _EVENT_TYPE = re.compile(r"[a-z_]+(\.[a-z_]+)+")
+_THIN_EVENT_TYPE = re.compile(r"v[12](\.[a-z_]+)+")
+_GROUPING_SECONDS = {"hour": 3600, "day": _DAY}
 _SUBSCRIPTION_STATUSES = (
     "active",
     "all",
@@ -273,6 +329,22 @@ def _signature(payload: bytes, secret: str, timestamp: int) -> str:
 
 def _new_id(prefix: str, length: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+def _rfc3339(seconds: float) -> str:
+    """A v2 API timestamp: UTC, milliseconds, ``Z`` (``2024-09-26T17:46:22.134Z``)."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _parse_rfc3339(value: str, param: str) -> float:
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise _invalid(f"Invalid timestamp: {value[:40]}", param=param) from None
+    if moment.tzinfo is None:
+        raise _invalid(f"Invalid timestamp: {value[:40]} has no time zone", param=param)
+    return moment.timestamp()
 
 
 class _ApiError(Exception):
@@ -411,6 +483,53 @@ def _as_list(value: Any, param: str) -> list[Any]:
     return [value[key] for key in sorted(value, key=int)]
 
 
+def _coerce_json(value: Any, spec: _Spec, param: str) -> Any:
+    """Check a v2 JSON body (typed values, dotted names) against `spec`, as _coerce does forms.
+
+    A null is as good as leaving the key out.
+    """
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise _invalid(f"Invalid object: {param}", param=param)
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            name = f"{param}.{key}" if param else key
+            if key not in spec:
+                raise _invalid(
+                    f"Received unknown parameter: {name}", param=name, code="parameter_unknown"
+                )
+            if item is not None:
+                result[key] = _coerce_json(item, spec[key], name)
+        return result
+    if spec == "strings":
+        if not isinstance(value, list) or not all(isinstance(i, str) and i for i in value):
+            raise _invalid(f"Invalid array of strings: {param}", param=param)
+        return list(value)
+    if spec == "metadata":
+        if not isinstance(value, dict):
+            raise _invalid(f"Invalid object: {param}", param=param)
+        return _metadata(value, param)
+    if spec == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _invalid(
+                f"Invalid integer: {param}", param=param, code="parameter_invalid_integer"
+            )
+        return value
+    if spec == "boolean":
+        if not isinstance(value, bool):
+            raise _invalid(f"Invalid boolean: {param}", param=param)
+        return value
+    if not isinstance(value, str):
+        raise _invalid(f"Invalid string: {param}", param=param)
+    if spec == "string":
+        return value
+    kind, choices = spec
+    assert kind == "enum"
+    if value not in choices:
+        raise _invalid(f"Invalid {param}: must be one of {', '.join(choices)}", param=param)
+    return value
+
+
 def _metadata(value: Any, param: str) -> dict[str, str] | None:
     """Metadata to merge: "" values delete a key; None (``metadata=""``) clears them all."""
     if value == "":
@@ -478,6 +597,45 @@ def _page(
     return {"object": "list", "data": data, "has_more": has_more, "url": url}
 
 
+def _v2_page(
+    objects: list[dict[str, Any]],
+    params: dict[str, Any],
+    path: str,
+    query: Sequence[tuple[str, str]],
+) -> dict[str, Any]:
+    """One page of `objects` (newest first) as a v2 list: data and next_page_url.
+
+    The page token is opaque to clients; here it names the last object of the previous page,
+    and next_page_url repeats the request's other query parameters.
+    """
+    limit = params.get("limit", DEFAULT_V2_LIST_LIMIT)
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise _invalid(f"Invalid limit: must be between 1 and {MAX_LIST_LIMIT}.", param="limit")
+    start = 0
+    page = params.get("page")
+    if page is not None:
+        ids = [obj["id"] for obj in objects]
+        if page not in ids:
+            raise _invalid(f"Invalid page token: {page[:100]}", param="page")
+        start = ids.index(page) + 1
+    data = objects[start : start + limit]
+    next_page_url = None
+    if len(objects) > start + limit:
+        kept = [(key, value) for key, value in query if key != "page"]
+        next_page_url = f"{path}?{urlencode([*kept, ('page', data[-1]['id'])])}"
+    return {"data": data, "next_page_url": next_page_url, "previous_page_url": None}
+
+
+def _includes(values: list[str], allowed: Sequence[str]) -> list[str]:
+    for index, value in enumerate(values):
+        if value not in allowed:
+            raise _invalid(
+                f"Invalid include[{index}]: must be one of {', '.join(allowed)}",
+                param=f"include[{index}]",
+            )
+    return values
+
+
 def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Stripe's previous_attributes: the old value of every top-level field that changed."""
     return {key: value for key, value in before.items() if after.get(key) != value}
@@ -494,7 +652,13 @@ def _cut(periods: list[list[int]], at: int) -> None:
 
 def _subscribes(endpoint: _Endpoint, event_type: str) -> bool:
     enabled = endpoint.obj["enabled_events"]
-    return "*" in enabled or event_type in enabled
+    return endpoint.obj["status"] == "enabled" and ("*" in enabled or event_type in enabled)
+
+
+def _target_url(obj: dict[str, Any]) -> str:
+    """Where a webhook endpoint or an event destination receives its deliveries."""
+    url: str = obj["url"] if obj["object"] == "webhook_endpoint" else obj["webhook_endpoint"]["url"]
+    return url
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -529,7 +693,9 @@ class _ItemState:
 
 @dataclass
 class _Endpoint:
-    obj: dict[str, Any]  # the webhook_endpoint object, without its secret
+    # the webhook_endpoint object without its secret, or the v2.core.event_destination object
+    # (its webhook_endpoint.url unredacted, signing_secret None)
+    obj: dict[str, Any]
     # (secret, the fake-clock time it stops signing or None), the newest first
     secrets: list[tuple[str, float | None]]
 
@@ -549,6 +715,7 @@ class _Request:
     params: dict[str, Any]
     request_id: str
     idempotency_key: str | None
+    query: tuple[tuple[str, str], ...] = ()  # the raw query string pairs (v2 next_page_url)
 
 
 _LIST_PARAMS: dict[str, _Spec] = {
@@ -689,6 +856,41 @@ _WEBHOOK_ENDPOINT_PARAMS: dict[str, _Spec] = {
     "expand": "strings",
 }
 _EVENT_LIST_PARAMS: dict[str, _Spec] = {**_LIST_PARAMS, "type": "string", "types": "strings"}
+_EVENT_SUMMARY_PARAMS: dict[str, _Spec] = {
+    **_LIST_PARAMS,
+    "customer": "string",
+    "start_time": "integer",
+    "end_time": "integer",
+    "value_grouping_window": ("enum", tuple(_GROUPING_SECONDS)),
+}
+# v2: JSON bodies, checked by _coerce_json.
+_DESTINATION_INCLUDES = ("webhook_endpoint.signing_secret", "webhook_endpoint.url")
+_EVENT_DESTINATION_PARAMS: dict[str, _Spec] = {
+    "name": "string",
+    "description": "string",
+    "type": ("enum", ("amazon_eventbridge", "azure_event_grid", "webhook_endpoint")),
+    "event_payload": ("enum", ("snapshot", "thin")),
+    "enabled_events": "strings",
+    "events_from": "strings",
+    "include": "strings",
+    "metadata": "metadata",
+    "snapshot_api_version": "string",
+    "webhook_endpoint": {"url": "string"},
+}
+# v2 query strings, checked by _coerce.
+_EVENT_DESTINATION_LIST_PARAMS: dict[str, _Spec] = {
+    "include": "strings",
+    "limit": "integer",
+    "page": "string",
+}
+_EVENT_DESTINATION_GET_PARAMS: dict[str, _Spec] = {"include": "strings"}
+_V2_EVENT_LIST_PARAMS: dict[str, _Spec] = {
+    "limit": "integer",
+    "page": "string",
+    "object_id": "string",
+    "types": "strings",
+    "created": {"gt": "string", "gte": "string", "lt": "string", "lte": "string"},
+}
 _GET_PARAMS: dict[str, _Spec] = {"expand": "strings"}
 _EXPANDABLE_PREFIXES = ("cus_", "clock_", "prod_", "price_", "sub_", "mtr_")
 
@@ -703,6 +905,7 @@ _ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", r"/v1/billing/meters", "_api_create_meter"),
     ("GET", r"/v1/billing/meters", "_api_list_meters"),
     ("GET", r"/v1/billing/meters/([^/]+)", "_api_get_meter"),
+    ("GET", r"/v1/billing/meters/([^/]+)/event_summaries", "_api_list_event_summaries"),
     ("POST", r"/v1/billing/meters/([^/]+)/deactivate", "_api_deactivate_meter"),
     ("POST", r"/v1/billing/meters/([^/]+)/reactivate", "_api_reactivate_meter"),
     ("POST", r"/v1/customers", "_api_create_customer"),
@@ -722,6 +925,14 @@ _ROUTES: tuple[tuple[str, str, str], ...] = (
     ("DELETE", r"/v1/webhook_endpoints/([^/]+)", "_api_delete_webhook_endpoint"),
     ("GET", r"/v1/events", "_api_list_events"),
     ("GET", r"/v1/events/([^/]+)", "_api_get_event"),
+    ("POST", r"/v2/core/event_destinations", "_api_create_event_destination"),
+    ("GET", r"/v2/core/event_destinations", "_api_list_event_destinations"),
+    ("GET", r"/v2/core/event_destinations/([^/]+)", "_api_get_event_destination"),
+    ("DELETE", r"/v2/core/event_destinations/([^/]+)", "_api_delete_event_destination"),
+    ("POST", r"/v2/core/event_destinations/([^/]+)/disable", "_api_disable_event_destination"),
+    ("POST", r"/v2/core/event_destinations/([^/]+)/enable", "_api_enable_event_destination"),
+    ("GET", r"/v2/core/events", "_api_list_v2_events"),
+    ("GET", r"/v2/core/events/([^/]+)", "_api_get_v2_event"),
 )
 
 
@@ -740,11 +951,21 @@ class FakeStripe(Service):
         webhook_max_attempts: int = 4,
         webhook_timeout: float = 5.0,
         tick_seconds: float = TICK_SECONDS,
+        async_validation: bool = False,
+        error_report_delay: float = 0.0,
+        max_error_samples: int = DEFAULT_MAX_ERROR_SAMPLES,
+        summary_delay: float = 0.0,
     ) -> None:
         """`clock` is Stripe's wall clock (`now` is its older name; pass one of them).
 
         A failed webhook delivery is retried after webhook_retry_seconds, then twice that, and
         so on, webhook_max_attempts attempts in all.
+
+        async_validation (also an attribute, changeable at any time): answer 200 for meter
+        events Stripe rejects only after the fact, and report them error_report_delay real
+        seconds after the first one of a batch (from the delivery thread), with at most
+        max_error_samples sample errors per error code. summary_delay: seconds of the fake's
+        clock before an accepted event counts in meter event summaries.
         """
         if not _is_loopback(host):
             raise ValueError(f"FakeStripe binds loopback only, not {host!r}")
@@ -752,6 +973,12 @@ class FakeStripe(Service):
             raise TypeError("pass clock= or its older name now=, not both")
         if webhook_max_attempts < 1 or webhook_retry_seconds < 0 or tick_seconds <= 0:
             raise ValueError("webhook_max_attempts >= 1, webhook_retry_seconds >= 0, tick > 0")
+        if error_report_delay < 0 or summary_delay < 0 or max_error_samples < 1:
+            raise ValueError("error_report_delay >= 0, summary_delay >= 0, max_error_samples >= 1")
+        self.async_validation = async_validation
+        self._error_report_delay = error_report_delay
+        self._max_error_samples = max_error_samples
+        self._summary_delay = summary_delay
         self._host = host
         self._port = port
         self._now = now if now is not None else clock
@@ -798,6 +1025,16 @@ class FakeStripe(Service):
         self._deliveries_held = False
         self._deliveries: list[dict[str, Any]] = []
         self._generation = 0  # bumped by reset(): attempts under way then are not recorded
+        # Asynchronous validation, v2 events and event destinations.
+        self._accepted_at: dict[str, float] = {}  # identifier -> the fake's clock at acceptance
+        self._rejected_async: dict[str, RejectedMeterEvent] = {}
+        self._pending_errors: list[_PendingError] = []
+        self._errors_due: float | None = None  # time.monotonic() of the next error report
+        self._error_reports: list[dict[str, Any]] = []
+        self._v2_events: dict[str, dict[str, Any]] = {}
+        self._destinations: dict[str, _Endpoint] = {}
+        # (customer, event_name, timestamp, delta) from inject_summary_offset()
+        self._summary_offsets: list[tuple[str, str, int, float]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -912,7 +1149,8 @@ class FakeStripe(Service):
             self._faults.clear()
 
     def reset(self) -> None:
-        """Forget everything but the clock: events, faults, billing objects, webhooks."""
+        """Forget everything but the clock and the options: events, faults, billing objects,
+        webhooks, event destinations, error reports."""
         with self._lock:
             self._events.clear()
             self._faults.clear()
@@ -935,6 +1173,14 @@ class FakeStripe(Service):
             self._queue.clear()
             self._deliveries.clear()
             self._deliveries_held = False
+            self._accepted_at.clear()
+            self._rejected_async.clear()
+            self._pending_errors.clear()
+            self._errors_due = None
+            self._error_reports.clear()
+            self._v2_events.clear()
+            self._destinations.clear()
+            self._summary_offsets.clear()
             self._generation += 1
             self._wakeup.notify_all()
 
@@ -946,7 +1192,70 @@ class FakeStripe(Service):
                 {"customer": customer, "event_name": event_name, "value": value}
                 for (customer, event_name), value in self.totals().items()
             ],
+            "rejected_async": [asdict(event) for event in self.rejected_async()],
         }
+
+    # -- asynchronous validation: test helpers -----------------------------------------------
+
+    def rejected_async(self) -> list[RejectedMeterEvent]:
+        """The meter events answered 200 and then rejected by asynchronous validation."""
+        with self._lock:
+            return list(self._rejected_async.values())
+
+    @property
+    def error_reports(self) -> list[dict[str, Any]]:
+        """Every error report so far, oldest first: the v2 events as GET /v2/core/events/{id}
+        returns them (v1.billing.meter.error_report_triggered and no_meter_found)."""
+        with self._lock:
+            return copy.deepcopy(self._error_reports)
+
+    def flush_error_reports(self) -> list[dict[str, Any]]:
+        """Report the pending asynchronous failures now instead of after error_report_delay.
+
+        Returns the new reports (none when nothing was pending); their notifications are
+        queued for the event destinations.
+        """
+        with self._lock:
+            return copy.deepcopy(self._flush_errors_locked())
+
+    def inject_summary_offset(
+        self, customer: str, event_name: str, delta: float, *, timestamp: int | None = None
+    ) -> None:
+        """Make Stripe's meter event summaries disagree with the events it accepted.
+
+        `delta` counts as if an event of that value had `timestamp` (the fake's clock now by
+        default): every summary of the customer on a meter for `event_name` whose window
+        contains that second shows it, whatever the meter's aggregation, right away.
+        """
+        with self._lock:
+            at = int(self._now()) if timestamp is None else timestamp
+            self._summary_offsets.append((customer, event_name, at, delta))
+
+    def add_event_destination(
+        self,
+        url: str,
+        enabled_events: Sequence[str] = THIN_EVENT_TYPES,
+        secret: str | None = None,
+        *,
+        name: str = "usage-meter",
+    ) -> dict[str, Any]:
+        """Register a thin-event webhook destination like POST /v2/core/event_destinations.
+
+        The result is the v2.core.event_destination with webhook_endpoint.url and
+        webhook_endpoint.signing_secret filled in, and the secret under `secret` too.
+        """
+        if secret is not None and not (secret.startswith("whsec_") and len(secret) > 6):
+            raise ValueError("a signing secret looks like whsec_...")
+        with self._lock:
+            try:
+                destination = self._create_destination_locked(
+                    name, url, list(enabled_events), secret
+                )
+            except _ApiError as error:
+                raise ValueError(str(error)) from None
+            signing_secret = destination.secrets[0][0]
+            view = self._destination_view(destination, _DESTINATION_INCLUDES, signing_secret)
+            return {**view, "secret": signing_secret}
 
     # -- billing objects: test helpers -------------------------------------------------------
 
@@ -1099,13 +1408,16 @@ class FakeStripe(Service):
                 raise ValueError(str(error)) from None
 
     def roll_webhook_secret(self, endpoint_id: str, overlap_seconds: float = 24 * 3600) -> str:
-        """Give the endpoint a new secret, like the Dashboard's "Roll secret".
+        """Give the endpoint (or event destination) a new secret, like the Dashboard's "Roll
+        secret".
 
         The old secret keeps signing for `overlap_seconds` of the fake's clock (0: not at all),
         so deliveries meanwhile carry two v1 signatures, the new one first.
         """
         with self._lock:
-            endpoint = self._endpoints[endpoint_id]
+            endpoint = self._target_locked(endpoint_id)
+            if endpoint is None:
+                raise KeyError(endpoint_id)
             now = self._now()
             new_secret = _new_id("whsec_", 32)
             older = [
@@ -1119,8 +1431,10 @@ class FakeStripe(Service):
 
     @property
     def deliveries(self) -> list[dict[str, Any]]:
-        """Every webhook attempt so far: event_id, endpoint_id, url, type, attempt, at (wall
-        time), status (the HTTP status, or None) and error (why there was none)."""
+        """Every delivery attempt so far: event_id, endpoint_id (a webhook endpoint's we_... or
+        an event destination's ed_...), target ("webhook_endpoint" or "event_destination"),
+        url, type, attempt, at (wall time), status (the HTTP status, or None) and error (why
+        there was none)."""
         with self._lock:
             return [dict(delivery) for delivery in self._deliveries]
 
@@ -1145,20 +1459,30 @@ class FakeStripe(Service):
             self._wakeup.notify_all()
 
     def redeliver(self, event_id: str, endpoint_id: str | None = None) -> None:
-        """Send an event again (to one endpoint or every subscribed one): a duplicate delivery."""
+        """Send an event again (to one endpoint or every subscribed one): a duplicate delivery.
+
+        A v1 event goes to webhook endpoints, a v2 event's notification to event destinations.
+        """
         with self._lock:
-            event = self._stripe_events[event_id]
-            if endpoint_id is not None:
-                targets = [self._endpoints[endpoint_id]]
+            if event_id in self._v2_events:
+                event, pool = self._v2_events[event_id], self._destinations
             else:
-                targets = [e for e in self._endpoints.values() if _subscribes(e, event["type"])]
+                event, pool = self._stripe_events[event_id], self._endpoints
+            if endpoint_id is not None:
+                targets = [pool[endpoint_id]]
+            else:
+                targets = [e for e in pool.values() if _subscribes(e, event["type"])]
             for endpoint in targets:
                 self._enqueue_locked(event_id, endpoint.obj["id"])
 
     def wait_for_deliveries(self, timeout: float = 5.0) -> bool:
-        """Wait until no delivery is queued, retrying or under way; False on timeout."""
+        """Wait until no delivery is queued, retrying or under way and no error report is
+        pending; False on timeout."""
         with self._lock:
-            return self._wakeup.wait_for(lambda: not self._queue and not self._delivering, timeout)
+            return self._wakeup.wait_for(
+                lambda: not self._queue and not self._delivering and self._errors_due is None,
+                timeout,
+            )
 
     @staticmethod
     def sign(payload: bytes, secret: str, timestamp: int) -> str:
@@ -1323,10 +1647,15 @@ class FakeStripe(Service):
                 return _error(429, RATE_LIMIT_MESSAGE, code="rate_limit")
             if self._sleep_while_serving:
                 time.sleep(self._sleep_while_serving)  # hold the pair so overlaps are certain
+            payload = {
+                name[len("payload[") : -1]: item
+                for name, item in params.items()
+                if name.startswith("payload[") and name.endswith("]")
+            }
             return self._record(
                 MeterEvent(identifier, event_name, customer, value, timestamp, int(now)),
-                raw_value=params["payload[value]"],
                 livemode=livemode,
+                payload=payload,
             )
         finally:
             with self._lock:
@@ -1334,12 +1663,32 @@ class FakeStripe(Service):
                 if not self._in_flight[pair]:
                     del self._in_flight[pair]
 
-    def _record(self, event: MeterEvent, *, raw_value: str, livemode: bool) -> _Response:
+    def _record(self, event: MeterEvent, *, livemode: bool, payload: dict[str, str]) -> _Response:
+        failure: _PendingError | None = None
         with self._lock:
             rejection = self._rejected_customers.get(event.customer)
-            duplicate = event.identifier in self._events
+            # An identifier stays taken when its event fails validation later: a replay of
+            # the usage needs an identifier of its own.
+            duplicate = event.identifier in self._events or event.identifier in self._rejected_async
             if rejection is None and not duplicate:
-                self._events[event.identifier] = event
+                if self.async_validation:
+                    event, failure = self._validate_async_locked(event, payload)
+                if failure is None:
+                    self._events[event.identifier] = event
+                    self._accepted_at[event.identifier] = self._now()
+                else:
+                    self._rejected_async[event.identifier] = failure.rejected
+                    self._pending_errors.append(failure)
+                    if self._errors_due is None:
+                        self._errors_due = time.monotonic() + self._error_report_delay
+                    self._wakeup.notify_all()
+        if failure is not None:
+            log.info(
+                "meter_event 200 %s identifier=%s, to be rejected asynchronously: %s",
+                event.event_name,
+                event.identifier,
+                failure.rejected.code,
+            )
         if rejection is not None:
             log.info("meter_event 400 rejected customer %s", event.customer)
             return _error(
@@ -1358,24 +1707,78 @@ class FakeStripe(Service):
                 headers={"Stripe-Should-Retry": "false"},
                 storable=True,
             )
-        log.info(
-            "meter_event 200 %s customer=%s value=%s identifier=%s timestamp=%s",
-            event.event_name,
-            event.customer,
-            event.value,
-            event.identifier,
-            event.timestamp,
-        )
+        if failure is None:
+            log.info(
+                "meter_event 200 %s customer=%s value=%s identifier=%s timestamp=%s",
+                event.event_name,
+                event.customer,
+                event.value,
+                event.identifier,
+                event.timestamp,
+            )
         body = {
             "object": "billing.meter_event",
             "created": event.created,
             "event_name": event.event_name,
             "identifier": event.identifier,
             "livemode": livemode,
-            "payload": {"stripe_customer_id": event.customer, "value": raw_value},
+            "payload": dict(payload),
             "timestamp": event.timestamp,
         }
         return _Response(200, body, storable=True)
+
+    def _validate_async_locked(
+        self, event: MeterEvent, payload: dict[str, str]
+    ) -> tuple[MeterEvent, _PendingError | None]:
+        """What Stripe finds after answering 200: the event as its meter reads it, or why not.
+
+        Checked in the order the meter needs them: a meter for the event_name (an active one,
+        else an inactive one means archived_meter), the meter's customer and value keys in the
+        payload, then the customer.
+        """
+        meters = [m for m in self._meters.values() if m["event_name"] == event.event_name]
+        active = [m for m in meters if m["status"] == "active"]
+        code: str | None = None
+        message = ""
+        meter: dict[str, Any] | None = active[0] if active else None
+        if meter is None and not meters:
+            code = "no_meter"
+            message = f"No active meter was found for event_name {event.event_name}."
+        elif meter is None:
+            meter = max(
+                meters, key=lambda m: m["status_transitions"]["deactivated_at"] or m["created"]
+            )
+            code = "archived_meter"
+            message = f"The meter {meter['id']} for event_name {event.event_name} is inactive."
+        else:
+            customer_key = meter["customer_mapping"]["event_payload_key"]
+            value_key = meter["value_settings"]["event_payload_key"]
+            value = _WHOLE_NUMBER.fullmatch(payload.get(value_key, ""))
+            if customer_key not in payload or not payload[customer_key]:
+                code = "meter_event_no_customer_defined"
+                message = f"Customer mapping key {customer_key} not found in payload."
+            elif value is None or len(value.group(1).lstrip("0")) > MAX_VALUE_DIGITS:
+                code = "meter_event_invalid_value"
+                message = f"Value key {value_key} not found in payload or not a whole number."
+            else:
+                event = replace(event, customer=payload[customer_key], value=int(value.group()))
+                if event.customer not in self._customers:
+                    code = "meter_event_customer_not_found"
+                    message = f"No customer found with ID {event.customer}."
+        if code is None:
+            return event, None
+        rejected = RejectedMeterEvent(
+            event.identifier,
+            code,
+            message,
+            event.customer,
+            event.event_name,
+            event.value,
+            event.timestamp,
+            event.created,
+        )
+        meter_id = meter["id"] if meter is not None else None
+        return event, _PendingError(rejected, meter_id, self._now())
 
     @staticmethod
     def _validate(params: dict[str, str], now: float) -> _Response | None:
@@ -1474,15 +1877,21 @@ class FakeStripe(Service):
         idempotency_key: str | None,
     ) -> _Response:
         pairs = parse_qsl(query, keep_blank_values=True)
-        pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-        params_hash = hashlib.sha256(json.dumps([what, sorted(pairs)]).encode()).hexdigest()
+        # The v2 API takes a JSON body; v1 a form, read like the query string.
+        json_body = body if what.split(" ", 1)[1].startswith("/v2/") else None
+        if json_body is None:
+            pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        signed = [what, sorted(pairs), body.decode("utf-8", "replace") if json_body else None]
+        params_hash = hashlib.sha256(json.dumps(signed).encode()).hexdigest()
         if idempotency_key:
             early = self._claim_idempotency_key(idempotency_key, params_hash)
             if early is not None:
                 return early
         response: _Response | None = None
         try:
-            response = self._api_execute(handler, ids, pairs, request_id, idempotency_key)
+            response = self._api_execute(
+                handler, ids, pairs, request_id, idempotency_key, json_body
+            )
             log.info("%s %s", what, response.status)
             response = replace(response, headers={"Request-Id": request_id, **response.headers})
         finally:
@@ -1500,14 +1909,24 @@ class FakeStripe(Service):
         pairs: list[tuple[str, str]],
         request_id: str,
         idempotency_key: str | None,
+        json_body: bytes | None = None,
     ) -> _Response:
+        """Run a handler; json_body (None for v1) is a v2 request's body."""
         try:
             params = _nest(pairs)
-            request = _Request(params, request_id, idempotency_key)
+            if json_body is not None and json_body.strip():
+                try:
+                    decoded = json.loads(json_body)
+                except (ValueError, UnicodeDecodeError):
+                    raise _invalid("The request body is not valid JSON.") from None
+                if not isinstance(decoded, dict):
+                    raise _invalid("The request body must be a JSON object.")
+                params.update(decoded)
+            request = _Request(params, request_id, idempotency_key, tuple(pairs))
             with self._lock:
                 self._catch_up_wall_locked()  # the fake "looks at" wall-clock subscriptions
                 body = copy.deepcopy(handler(request, *ids))
-                if "expand" in params:
+                if "expand" in params and json_body is None:
                     for path in _coerce(params["expand"], "strings", "expand"):
                         self._expand_locked(body, path.split("."), path)
         except _ApiError as error:
@@ -2530,6 +2949,376 @@ class FakeStripe(Service):
         events = _newest_first(self._stripe_events.values())
         return _page(events, params, "/v1/events", "event", keep)
 
+    # -- meter event summaries ---------------------------------------------------------------
+
+    def _api_list_event_summaries(self, request: _Request, meter_id: str) -> dict[str, Any]:
+        params = _coerce(request.params, _EVENT_SUMMARY_PARAMS, "")
+        meter = self._meter_locked(meter_id)
+        customer = _required(params, "customer")
+        start = _required(params, "start_time")
+        end = _required(params, "end_time")
+        window = params.get("value_grouping_window")
+        bounds = (("start_time", start), ("end_time", end))
+        for name, value in bounds:
+            if value % 60:
+                raise _invalid(f"{name} must be aligned with minute boundaries.", param=name)
+        if start >= end:
+            raise _invalid("start_time must be before end_time.", param="start_time")
+        step = _GROUPING_SECONDS[window] if window is not None else None
+        if step is not None:
+            for name, value in bounds:
+                if value % step:
+                    raise _invalid(
+                        f"{name} must be aligned with {window} boundaries (UTC) when "
+                        f"value_grouping_window is {window}.",
+                        param=name,
+                    )
+        if customer not in self._customers:
+            raise _no_such("customer", customer, param="customer", status=400)
+        summaries = self._event_summaries_locked(meter, customer, start, end, step)
+        url = f"/v1/billing/meters/{meter_id}/event_summaries"
+        return _page(summaries, params, url, "billing meter event summary")
+
+    def _event_summaries_locked(
+        self, meter: dict[str, Any], customer: str, start: int, end: int, step: int | None
+    ) -> list[dict[str, Any]]:
+        """The summaries of [start, end), newest window first.
+
+        Without a grouping window there is exactly one; with one, a summary for each window
+        that holds an event (or an injected offset). Only events accepted summary_delay
+        seconds ago or more count, as Stripe aggregates asynchronously.
+        """
+        now = self._now()
+        event_name = meter["event_name"]
+        events = [
+            event
+            for event in self._events.values()
+            if event.customer == customer
+            and event.event_name == event_name
+            and start <= event.timestamp < end
+            and self._accepted_at.get(event.identifier, now) + self._summary_delay <= now
+        ]
+        offsets = [
+            (at, delta)
+            for who, name, at, delta in self._summary_offsets
+            if who == customer and name == event_name and start <= at < end
+        ]
+        if step is None:
+            starts = {start}
+        else:
+            seconds = [event.timestamp for event in events] + [at for at, _ in offsets]
+            starts = {start + (second - start) // step * step for second in seconds}
+        formula = meter["default_aggregation"]["formula"]
+        summaries = []
+        for window_start in sorted(starts, reverse=True):
+            window_end = end if step is None else window_start + step
+            inside = [e for e in events if window_start <= e.timestamp < window_end]
+            value: float
+            if formula == "count":
+                value = len(inside)
+            elif formula == "last":
+                # The latest timestamp wins; among equal ones, the later accepted.
+                value = sorted(inside, key=lambda e: e.timestamp)[-1].value if inside else 0
+            else:
+                value = sum(e.value for e in inside)
+            value += sum(delta for at, delta in offsets if window_start <= at < window_end)
+            key = f"{meter['id']}:{customer}:{window_start}:{window_end}".encode()
+            summaries.append(
+                {
+                    "id": "mtrusg_test_" + hashlib.sha256(key).hexdigest()[:48],
+                    "object": "billing.meter_event_summary",
+                    "aggregated_value": int(value) if float(value).is_integer() else value,
+                    "end_time": window_end,
+                    "livemode": False,
+                    "meter": meter["id"],
+                    "start_time": window_start,
+                }
+            )
+        return summaries
+
+    # -- event destinations and v2 events: the API -------------------------------------------
+
+    def _api_create_event_destination(self, request: _Request) -> dict[str, Any]:
+        params = _coerce_json(request.params, _EVENT_DESTINATION_PARAMS, "")
+        name = _required(params, "name")
+        kind = _required(params, "type")
+        event_payload = _required(params, "event_payload")
+        enabled_events = _required(params, "enabled_events")
+        include = _includes(params.get("include", []), _DESTINATION_INCLUDES)
+        if kind != "webhook_endpoint":
+            raise _invalid(
+                f"The fake Stripe delivers to webhook_endpoint destinations only, not {kind}.",
+                param="type",
+            )
+        if event_payload != "thin":
+            raise _invalid(
+                "The fake Stripe sends thin events to event destinations only; snapshot events "
+                "go to the endpoints of /v1/webhook_endpoints.",
+                param="event_payload",
+            )
+        if "snapshot_api_version" in params:
+            raise _invalid(
+                "snapshot_api_version can only be set when event_payload is snapshot.",
+                param="snapshot_api_version",
+            )
+        if kind == "webhook_endpoint" and "webhook_endpoint" not in params:
+            raise _missing("webhook_endpoint")
+        url = _required(params["webhook_endpoint"], "url", "webhook_endpoint.url")
+        destination = self._create_destination_locked(
+            name,
+            url,
+            enabled_events,
+            None,
+            description=params.get("description"),
+            metadata=params.get("metadata"),
+            events_from=params.get("events_from"),
+        )
+        # Stripe shows the signing secret once, here, and only when asked to.
+        return self._destination_view(destination, include, destination.secrets[0][0])
+
+    def _create_destination_locked(
+        self,
+        name: str,
+        url: str,
+        enabled_events: list[str],
+        secret: str | None,
+        *,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        events_from: list[str] | None = None,
+    ) -> _Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _invalid(
+                f"Invalid URL: {url[:200]}", param="webhook_endpoint.url", code="url_invalid"
+            )
+        if len(name) > 100:
+            raise _invalid("name can be at most 100 characters.", param="name")
+        if not enabled_events:
+            raise _missing("enabled_events")
+        for index, event_type in enumerate(enabled_events):
+            if not _THIN_EVENT_TYPE.fullmatch(event_type):
+                raise _invalid(
+                    f"Invalid enabled_events[{index}]: {event_type[:100]!r} is not a thin event "
+                    "type (v1.… or v2.…)",
+                    param=f"enabled_events[{index}]",
+                )
+        scopes = ("@self", "@accounts", "@organization_members", "@organization_members/@accounts")
+        for index, scope in enumerate(events_from or []):
+            if scope not in scopes:
+                raise _invalid(
+                    f"Invalid events_from[{index}]: must be one of {', '.join(scopes)}",
+                    param=f"events_from[{index}]",
+                )
+        now = _rfc3339(self._now())
+        destination: dict[str, Any] = {
+            "id": _new_id("ed_test_", 46),
+            "object": "v2.core.event_destination",
+            "amazon_eventbridge": None,
+            "azure_event_grid": None,
+            "created": now,
+            "description": description or "",
+            "enabled_events": list(enabled_events),
+            "event_payload": "thin",
+            "events_from": list(events_from or ["@self"]),
+            "livemode": False,
+            "metadata": {},
+            "name": name,
+            "snapshot_api_version": None,
+            "status": "enabled",
+            "status_details": None,
+            "type": "webhook_endpoint",
+            "updated": now,
+            "webhook_endpoint": {"signing_secret": None, "url": url},
+        }
+        _apply_metadata(destination["metadata"], metadata or {})
+        endpoint = _Endpoint(destination, [(secret or _new_id("whsec_", 32), None)])
+        self._destinations[destination["id"]] = endpoint
+        log.debug("event destination %s -> %s %s", destination["id"], url, enabled_events)
+        return endpoint
+
+    @staticmethod
+    def _destination_view(
+        destination: _Endpoint, include: Sequence[str], signing_secret: str | None = None
+    ) -> dict[str, Any]:
+        """The destination as the API shows it: webhook_endpoint.url and .signing_secret are
+        redacted unless `include` names them (and the secret is shown at creation only)."""
+        view = copy.deepcopy(destination.obj)
+        if "webhook_endpoint.url" not in include:
+            view["webhook_endpoint"]["url"] = None
+        if "webhook_endpoint.signing_secret" in include:
+            view["webhook_endpoint"]["signing_secret"] = signing_secret
+        return view
+
+    def _destination_locked(self, destination_id: str) -> _Endpoint:
+        if destination_id not in self._destinations:
+            raise _no_such("event destination", destination_id)
+        return self._destinations[destination_id]
+
+    def _api_list_event_destinations(self, request: _Request) -> dict[str, Any]:
+        params = _coerce(request.params, _EVENT_DESTINATION_LIST_PARAMS, "")
+        include = _includes(params.get("include", []), ("webhook_endpoint.url",))
+        views = [self._destination_view(d, include) for d in self._destinations.values()]
+        return _v2_page(_newest_first(views), params, "/v2/core/event_destinations", request.query)
+
+    def _api_get_event_destination(self, request: _Request, destination_id: str) -> dict[str, Any]:
+        params = _coerce(request.params, _EVENT_DESTINATION_GET_PARAMS, "")
+        include = _includes(params.get("include", []), ("webhook_endpoint.url",))
+        return self._destination_view(self._destination_locked(destination_id), include)
+
+    def _api_delete_event_destination(
+        self, request: _Request, destination_id: str
+    ) -> dict[str, Any]:
+        _coerce(request.params, {}, "")
+        self._destination_locked(destination_id)
+        del self._destinations[destination_id]
+        # Queued deliveries to it are dropped when they come due.
+        return {"id": destination_id, "object": "v2.core.event_destination"}
+
+    def _api_disable_event_destination(
+        self, request: _Request, destination_id: str
+    ) -> dict[str, Any]:
+        _coerce_json(request.params, {}, "")
+        destination = self._destination_locked(destination_id)
+        if destination.obj["status"] == "enabled":
+            destination.obj.update(
+                status="disabled",
+                status_details={"disabled": {"reason": "user"}},
+                updated=_rfc3339(self._now()),
+            )
+        return self._destination_view(destination, ())
+
+    def _api_enable_event_destination(
+        self, request: _Request, destination_id: str
+    ) -> dict[str, Any]:
+        _coerce_json(request.params, {}, "")
+        destination = self._destination_locked(destination_id)
+        if destination.obj["status"] == "disabled":
+            destination.obj.update(
+                status="enabled", status_details=None, updated=_rfc3339(self._now())
+            )
+        return self._destination_view(destination, ())
+
+    def _api_get_v2_event(self, request: _Request, event_id: str) -> dict[str, Any]:
+        _coerce(request.params, {}, "")
+        if event_id not in self._v2_events:
+            raise _no_such("event", event_id)
+        return self._v2_events[event_id]
+
+    def _api_list_v2_events(self, request: _Request) -> dict[str, Any]:
+        params = _coerce(request.params, _V2_EVENT_LIST_PARAMS, "")
+        types = params.get("types", [])
+        if len(types) > 20:
+            raise _invalid("types can name at most 20 event types.", param="types")
+        object_id = params.get("object_id")
+        limits = {
+            op: _parse_rfc3339(value, f"created[{op}]")
+            for op, value in params.get("created", {}).items()
+        }
+        compare: dict[str, Callable[[float, float], bool]] = {
+            "gt": lambda a, b: a > b,
+            "gte": lambda a, b: a >= b,
+            "lt": lambda a, b: a < b,
+            "lte": lambda a, b: a <= b,
+        }
+
+        def keep(event: dict[str, Any]) -> bool:
+            if types and event["type"] not in types:
+                return False
+            related = event.get("related_object") or {}
+            if object_id is not None and related.get("id") != object_id:
+                return False
+            created = _parse_rfc3339(event["created"], "created")
+            return all(compare[op](created, limit) for op, limit in limits.items())
+
+        events = [event for event in _newest_first(self._v2_events.values()) if keep(event)]
+        return _v2_page(events, params, "/v2/core/events", request.query)
+
+    # -- asynchronous validation: error reports ----------------------------------------------
+
+    def _flush_errors_locked(self) -> list[dict[str, Any]]:
+        """Report the pending failures: a v1.billing.meter.error_report_triggered event per
+        meter and one v1.billing.meter.no_meter_found for the event names without a meter,
+        each counting every failure and sampling at most max_error_samples per code."""
+        pending, self._pending_errors, self._errors_due = self._pending_errors, [], None
+        groups: dict[str | None, list[_PendingError]] = {}
+        for failure in pending:
+            groups.setdefault(failure.meter_id, []).append(failure)
+        now = self._now()
+        reports = []
+        for meter_id, failures in groups.items():
+            by_code: dict[str, list[_PendingError]] = {}
+            for failure in failures:
+                by_code.setdefault(failure.rejected.code, []).append(failure)
+            count = len(failures)
+            summary = (
+                "There is 1 invalid event" if count == 1 else f"There are {count} invalid events"
+            )
+            error_types = [
+                {
+                    "code": code,
+                    "error_count": len(items),
+                    "sample_errors": [
+                        {
+                            "error_message": item.rejected.message,
+                            "request": {"identifier": item.rejected.identifier},
+                        }
+                        for item in items[: self._max_error_samples]
+                    ],
+                }
+                for code, items in by_code.items()
+            ]
+            event: dict[str, Any] = {
+                "id": _new_id("evt_test_", 46),
+                "object": "v2.core.event",
+                "context": None,
+                "created": _rfc3339(now),
+                "data": {
+                    "developer_message_summary": summary,
+                    "reason": {"error_count": count, "error_types": error_types},
+                    "validation_end": _rfc3339(max(now, failures[-1].at)),
+                    "validation_start": _rfc3339(min(failure.at for failure in failures)),
+                },
+                "livemode": False,
+                "reason": None,
+            }
+            thin: dict[str, Any] = {
+                key: event[key] for key in ("id", "object", "livemode", "created")
+            }
+            if meter_id is not None:
+                related = {
+                    "id": meter_id,
+                    "type": "billing.meter",
+                    "url": f"/v1/billing/meters/{meter_id}",
+                }
+                event["related_object"] = related
+                thin["related_object"] = dict(related)
+            event["type"] = thin["type"] = ERROR_REPORT_EVENT if meter_id else NO_METER_EVENT
+            self._v2_events[event["id"]] = event
+            self._error_reports.append(event)
+            self._event_payloads[event["id"]] = json.dumps(thin, indent=2).encode()
+            log.info("event %s %s %s: %s", event["id"], event["type"], meter_id or "-", summary)
+            for destination in self._destinations.values():
+                if _subscribes(destination, event["type"]):
+                    self._enqueue_locked(event["id"], destination.obj["id"])
+            reports.append(event)
+        self._wakeup.notify_all()
+        return reports
+
+    def _error_report_wait_locked(self) -> float | None:
+        """Report the pending failures if they are due; else seconds until they are (or None)."""
+        if self._errors_due is None:
+            return None
+        remaining = self._errors_due - time.monotonic()
+        if remaining > 0:
+            return remaining
+        self._flush_errors_locked()
+        return None
+
+    def _target_locked(self, target_id: str) -> _Endpoint | None:
+        """The webhook endpoint or event destination with that id."""
+        return self._endpoints.get(target_id) or self._destinations.get(target_id)
+
     # -- events and their delivery -----------------------------------------------------------
 
     def _emit_locked(
@@ -2598,18 +3387,20 @@ class FakeStripe(Service):
 
     def _next_attempt_locked(self) -> tuple[_Delivery, str, bytes, str] | None:
         while not self._stopping:
+            # Error reports come due on this thread too (and queue their notifications).
+            report_in = self._error_report_wait_locked()
             if self._deliveries_held or not self._queue:
-                self._wakeup.wait()
+                self._wakeup.wait(report_in)
                 continue
             wait = self._queue[0].due - time.monotonic()
             if wait > 0:
-                self._wakeup.wait(wait)
+                self._wakeup.wait(wait if report_in is None else min(wait, report_in))
                 continue
             delivery = heapq.heappop(self._queue)
-            endpoint = self._endpoints.get(delivery.endpoint_id)
+            endpoint = self._target_locked(delivery.endpoint_id)
             payload = self._event_payloads.get(delivery.event_id)
-            if endpoint is None or payload is None:  # deleted endpoint, or reset
-                self._wakeup.notify_all()
+            if endpoint is None or payload is None or endpoint.obj["status"] != "enabled":
+                self._wakeup.notify_all()  # deleted or disabled target, or reset
                 continue
             now = self._now()
             endpoint.secrets = [
@@ -2621,7 +3412,7 @@ class FakeStripe(Service):
             header = f"t={timestamp}," + ",".join(
                 f"v1={_signature(payload, secret, timestamp)}" for secret, _ in endpoint.secrets
             )
-            return delivery, endpoint.obj["url"], payload, header
+            return delivery, _target_url(endpoint.obj), payload, header
         return None
 
     def _post_webhook(self, url: str, payload: bytes, header: str) -> tuple[int | None, str | None]:
@@ -2654,11 +3445,16 @@ class FakeStripe(Service):
     ) -> None:
         if delivery.generation != self._generation:
             return  # reset() ran meanwhile
-        event = self._stripe_events.get(delivery.event_id)
+        event = self._stripe_events.get(delivery.event_id) or self._v2_events.get(delivery.event_id)
         self._deliveries.append(
             {
                 "event_id": delivery.event_id,
                 "endpoint_id": delivery.endpoint_id,
+                "target": (
+                    "event_destination"
+                    if delivery.endpoint_id.startswith("ed_")
+                    else "webhook_endpoint"
+                ),
                 "url": url,
                 "type": event["type"] if event else None,
                 "attempt": delivery.attempt,
@@ -2669,7 +3465,7 @@ class FakeStripe(Service):
         )
         if status is not None and 200 <= status < 300:
             log.info("webhook %s -> %s %s", delivery.event_id, url, status)
-            if event is not None:
+            if event is not None and "pending_webhooks" in event:
                 event["pending_webhooks"] = max(0, event["pending_webhooks"] - 1)
             return
         retry = delivery.attempt < self._webhook_max_attempts
@@ -2681,7 +3477,7 @@ class FakeStripe(Service):
             status or error,
             ", will retry" if retry else ", giving up",
         )
-        if retry and delivery.endpoint_id in self._endpoints:
+        if retry and self._target_locked(delivery.endpoint_id) is not None:
             delay = self._webhook_retry_seconds * 2 ** (delivery.attempt - 1)
             self._enqueue_locked(
                 delivery.event_id, delivery.endpoint_id, delivery.attempt + 1, delay
@@ -2697,7 +3493,7 @@ class FakeStripe(Service):
                 headers.get("Authorization"), headers.get("Idempotency-Key"), body
             )
         if path.startswith("/_fake/"):
-            admin = self._admin(method, path)
+            admin = self._admin(method, path, body)
             if admin is not None:
                 return admin
         for route_method, pattern, handler in self._api_routes:
@@ -2711,7 +3507,7 @@ class FakeStripe(Service):
             "or we can help at https://support.stripe.com/.",
         )
 
-    def _admin(self, method: str, path: str) -> _Response | None:
+    def _admin(self, method: str, path: str, body: bytes = b"") -> _Response | None:
         """The /_fake/ routes: inspection and control for humans and tests, not Stripe API."""
         if method == "GET" and path == "/_fake/meter_events":
             return _Response(200, self.snapshot())
@@ -2729,6 +3525,12 @@ class FakeStripe(Service):
             return _Response(200, {"data": rows})
         if method == "GET" and path == "/_fake/deliveries":
             return _Response(200, {"data": self.deliveries})
+        if method == "GET" and path == "/_fake/error_reports":
+            return _Response(200, {"data": self.error_reports})
+        if method == "POST" and path == "/_fake/error_reports/flush":
+            return _Response(200, {"data": self.flush_error_reports()})
+        if method == "POST" and path == "/_fake/summary_offsets":
+            return self._admin_summary_offset(body)
         if method == "POST" and path == "/_fake/reset":
             self.reset()
             return _Response(200, {"reset": True})
@@ -2742,6 +3544,44 @@ class FakeStripe(Service):
             except ValueError as error:
                 return _error(400, str(error))
         return None
+
+    def _admin_summary_offset(self, body: bytes) -> _Response:
+        """POST /_fake/summary_offsets {customer, event_name, delta, timestamp?}."""
+        try:
+            spec = {
+                "customer": "string",
+                "event_name": "string",
+                "delta": "number",
+                "timestamp": "integer",
+            }
+            try:
+                decoded = json.loads(body or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                raise _invalid("The request body is not valid JSON.") from None
+            if not isinstance(decoded, dict):
+                raise _invalid("The request body must be a JSON object.")
+            for key, value in decoded.items():
+                kind = spec.get(key)
+                if kind is None:
+                    raise _invalid(f"Received unknown parameter: {key}", param=key)
+                valid = (
+                    isinstance(value, str) and bool(value)
+                    if kind == "string"
+                    else isinstance(value, int | float) and not isinstance(value, bool)
+                )
+                if not valid or (kind == "integer" and not isinstance(value, int)):
+                    raise _invalid(f"Invalid {key}: {value!r}", param=key)
+            for key in ("customer", "event_name", "delta"):
+                _required(decoded, key)
+        except _ApiError as error:
+            return error.response
+        self.inject_summary_offset(
+            decoded["customer"],
+            decoded["event_name"],
+            decoded["delta"],
+            timestamp=decoded.get("timestamp"),
+        )
+        return _Response(200, {"injected": decoded})
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -2850,11 +3690,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--webhook-secret", help="its signing secret (whsec_...); made up when not given"
     )
+    parser.add_argument(
+        "--async-validation",
+        action="store_true",
+        help="answer 200 for meter events Stripe rejects later, and report them as v2 events",
+    )
+    parser.add_argument(
+        "--error-report-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long failures gather before an error report (default 0)",
+    )
+    parser.add_argument(
+        "--summary-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long before an accepted event shows in meter event summaries (default 0)",
+    )
+    parser.add_argument(
+        "--event-destination-url",
+        help="register a thin-event destination for the meter error reports at start",
+    )
+    parser.add_argument(
+        "--event-destination-secret",
+        help="its signing secret (whsec_...); made up when not given",
+    )
     args = parser.parse_args(argv)
     if args.webhook_secret and not args.webhook_url:
         parser.error("--webhook-secret needs --webhook-url")
     if args.webhook_secret and not args.webhook_secret.startswith("whsec_"):
         parser.error("--webhook-secret looks like whsec_...")
+    if args.event_destination_secret and not args.event_destination_url:
+        parser.error("--event-destination-secret needs --event-destination-url")
+    if args.event_destination_secret and not args.event_destination_secret.startswith("whsec_"):
+        parser.error("--event-destination-secret looks like whsec_...")
+    if args.error_report_delay < 0 or args.summary_delay < 0:
+        parser.error("--error-report-delay and --summary-delay cannot be negative")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger(__name__).setLevel(logging.INFO)
 
@@ -2864,13 +3737,27 @@ def main(argv: list[str] | None = None) -> int:
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    fake = FakeStripe(args.host, args.port)
-    endpoint = None
+    fake = FakeStripe(
+        args.host,
+        args.port,
+        async_validation=args.async_validation,
+        error_report_delay=args.error_report_delay,
+        summary_delay=args.summary_delay,
+    )
+    endpoint = destination = None
     if args.webhook_url:
         try:
             endpoint = fake.add_webhook_endpoint(args.webhook_url, secret=args.webhook_secret)
         except ValueError as error:
             print(f"fake Stripe cannot deliver webhooks there: {error}", file=sys.stderr)
+            return 2
+    if args.event_destination_url:
+        try:
+            destination = fake.add_event_destination(
+                args.event_destination_url, secret=args.event_destination_secret
+            )
+        except ValueError as error:
+            print(f"fake Stripe cannot deliver event notifications there: {error}", file=sys.stderr)
             return 2
     try:
         fake.start()
@@ -2882,6 +3769,19 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fake Stripe sends every event to {endpoint['url']} ({endpoint['id']}, "
             f"signing secret {endpoint['secret']})",
+            flush=True,
+        )
+    if destination is not None:
+        print(
+            f"fake Stripe sends {', '.join(destination['enabled_events'])} thin events to "
+            f"{destination['webhook_endpoint']['url']} ({destination['id']}, signing secret "
+            f"{destination['secret']})",
+            flush=True,
+        )
+    if args.async_validation:
+        print(
+            "fake Stripe validates meter events asynchronously "
+            f"(error reports after {args.error_report_delay:g} s)",
             flush=True,
         )
     try:

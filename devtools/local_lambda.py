@@ -375,16 +375,28 @@ def readable_log_line(line: str) -> str | None:
 
 
 def _metrics_line(record: dict[str, Any]) -> str:
-    names = [
-        metric["Name"]
+    metrics = [
+        (metric["Name"], metric.get("Unit"))
         for directive in record["_aws"].get("CloudWatchMetrics", [])
         for metric in directive.get("Metrics", [])
     ]
-    return "metrics " + " ".join(f"{name}={_number(record.get(name))}" for name in names)
+    dimensions = [
+        f"{name}={record[name]}"
+        for directive in record["_aws"].get("CloudWatchMetrics", [])
+        for names in directive.get("Dimensions", [])
+        for name in names
+        if name != "service" and name in record
+    ]
+    shown = " ".join(f"{name}={_number(record.get(name), unit)}" for name, unit in metrics)
+    return "metrics " + (f"({' '.join(dimensions)}) " if dimensions else "") + shown
 
 
-def _number(value: Any) -> Any:
-    """EMF holds a metric as a list of floats: [1.0] reads better as 1."""
+def _number(value: Any, unit: str | None = "Count") -> Any:
+    """EMF holds a metric as a list of floats: [1.0] reads better as 1. Counts add up; several
+    values of another unit (one latency per call) read as their range."""
+    if isinstance(value, list) and len(value) > 1 and unit not in (None, "Count"):
+        low, high = _number(min(value)), _number(max(value))
+        return f"{low}..{high}({len(value)})"
     total = sum(value) if isinstance(value, list) else value
     return int(total) if isinstance(total, float) and total.is_integer() else total
 

@@ -122,6 +122,7 @@ LOCAL_PORTAL_TOKEN_SECRET = "local-only-portal-token-secret"
 # Signs the stand-in's webhooks; with real Stripe, `stripe listen` prints the one to use.
 LOCAL_WEBHOOK_SECRET = "whsec_local_only_stand_in"
 WEBHOOK_PATH = "/v1/stripe/webhook"
+EVENTS_PATH = "/v1/stripe/events"  # the event destination's thin notifications
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,7 @@ class LocalStack(Service):
         webhook_secret = self.options.stripe_webhook_secret or LOCAL_WEBHOOK_SECRET
         if self.stripe is not None and self.api is not None:  # its webhooks reach this API
             self.stripe.add_webhook_endpoint(f"{self.api_url}{WEBHOOK_PATH}", secret=webhook_secret)
+            self.stripe.add_event_destination(f"{self.api_url}{EVENTS_PATH}", secret=webhook_secret)
         secrets = (
             self._store_secrets(key, webhook_secret) if self.options.secrets_manager_url else {}
         )

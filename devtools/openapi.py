@@ -306,6 +306,53 @@ def build() -> Schema:
                 },
             }
         },
+        "/v1/stripe/events": {
+            "post": {
+                "operationId": "stripeEventNotification",
+                "tags": ["stripe"],
+                "summary": "Stripe's thin event notifications (register as an event destination)",
+                "description": (
+                    "Consumes v1.billing.meter.error_report_triggered and "
+                    "v1.billing.meter.no_meter_found: meter events Stripe answered 200 for and "
+                    "rejected afterwards. The notification is verified with the SDK's "
+                    "parse_event_notification (Stripe-Signature, 300 s), the event fetched from "
+                    "Stripe, and the units of every sampled identifier go from reported back to "
+                    "the quarantine with Stripe's code. Each event id is handled once; other "
+                    "types answer 200 with `handled: false`; a bad signature answers 400."
+                ),
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "`t=<unix>,v1=<hex HMAC-SHA256>`, as Stripe sends it.",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _response(
+                        "received",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "received": {"type": "boolean"},
+                                "handled": {"type": "boolean"},
+                            },
+                            "required": ["received", "handled"],
+                        },
+                    ),
+                    "400": _response(
+                        "not signed by Stripe with this destination's secret, or too old",
+                        components.ref(ErrorOut, "serialization"),
+                    ),
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",

@@ -15,6 +15,7 @@ from usage_meter.models.domain import (
     Decision,
     MeterEventRequest,
     MeterTotals,
+    SentDecision,
     UsageEvent,
 )
 
@@ -35,6 +36,7 @@ class InMemoryStore:
         self.in_backlog: set[CounterKey] = set()
         self.billings: dict[str, CustomerBilling] = {}
         self.stripe_events: set[str] = set()
+        self.sent_log: dict[str, SentDecision] = {}
         self.page_size = page_size
         self.lock = threading.RLock()
 
@@ -133,6 +135,56 @@ class InMemoryStore:
             key = key_of(counter)
             self.counters[key] = self.counters[key].model_copy(update=changes)
             return True
+
+    def log_send(self, counter: Counter, decision: Decision) -> None:
+        with self.lock:
+            self.sent_log.setdefault(
+                counter.identifier(decision),
+                SentDecision(
+                    identifier=counter.identifier(decision),
+                    customer=counter.customer,
+                    meter=counter.meter,
+                    period_start=counter.period_start,
+                    shard=counter.shard,
+                    seq=decision.seq,
+                    value=decision.value,
+                    timestamp=decision.timestamp,
+                ),
+            )
+
+    def sent(self, identifier: str) -> SentDecision | None:
+        return self.sent_log.get(identifier)
+
+    def counter_of(self, sent: SentDecision) -> Counter | None:
+        return self.counters.get((sent.customer, sent.period_start, sent.meter, sent.shard))
+
+    def unreport(self, counter: Counter, sent: SentDecision, reason: str, at: int) -> bool:
+        with self.lock:
+            stored = self.counters[key_of(counter)]
+            if self.sent_log[sent.identifier].rejected_at is not None:
+                return False
+            in_flight = counter.sending is not None and counter.sending.seq == sent.seq
+            if in_flight:
+                holds = stored.sending is not None and stored.sending.seq == sent.seq
+                changes: dict[str, object] = {"sending": None}
+            else:
+                holds = stored.reported >= sent.value and (
+                    stored.sending is None or stored.sending.seq != sent.seq
+                )
+                changes = {"reported": stored.reported - sent.value}
+            if not holds:
+                return False
+            self.sent_log[sent.identifier] = sent.model_copy(
+                update={"rejected_at": at, "reason": reason}
+            )
+            return self._swap(
+                counter,
+                True,
+                quarantined=stored.quarantined + sent.value,
+                quarantine_reason=reason,
+                quarantined_at=at,
+                **changes,
+            )
 
     def decide(self, counter: Counter, decision: Decision) -> bool:
         with self.lock:

@@ -10,11 +10,13 @@ answers 500, caches nothing, and the error alarm sees it. Before it refuses a po
 fetches the token secret again (at most every 30 s): the secret may have just been rotated.
 """
 
+from __future__ import annotations
+
+import random
 import time
+from typing import TYPE_CHECKING
 
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from usage_meter.config import Settings
+from usage_meter.config import Settings, on_snap_start
 from usage_meter.logic.auth import (
     TOKEN_PREFIX,
     Unauthenticated,
@@ -23,14 +25,21 @@ from usage_meter.logic.auth import (
     identify,
     to_context,
 )
-from usage_meter.models.auth import Principal
+from usage_meter.models import build_imported_models
 from usage_meter.observability import logger
 from usage_meter.secrets import Secrets
 from usage_meter.store.dynamodb import DynamoStore
 
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from usage_meter.models.auth import Principal
+
 settings = Settings.from_env()
-keys = DynamoStore(settings.table_name)
+rng = random.Random()  # the store's retry jitter: re-seeded after a SnapStart restore
+keys = DynamoStore(settings.table_name, rng=rng)
 secrets = Secrets(settings)
+on_snap_start(before_snapshot=build_imported_models, after_restore=rng.seed)
 
 
 @logger.inject_lambda_context
@@ -46,8 +55,9 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
 
 def _identify(authorization: str | None, now: int) -> Principal:
     try:
+        # The portal secret is fetched for a portal token only: a server key never waits for it.
         return identify(
-            authorization, keys=keys, token_secrets=secrets.portal_token_secrets(), now=now
+            authorization, keys=keys, token_secrets=secrets.portal_token_secrets, now=now
         )
     except Unauthenticated:
         if not _portal_token(authorization):

@@ -1,6 +1,8 @@
-"""POST /v1/stripe/webhook: Stripe's subscription events keep customers' billing periods.
-
-No API authorizer: Stripe signs every delivery, and the signature is checked on the raw body.
+"""What Stripe tells the service, signed (no API authorizer: the signature is checked on the
+raw body):
+- POST /v1/stripe/webhook: subscription events keep customers' billing periods;
+- POST /v1/stripe/events: an event destination's thin notifications of meter events Stripe
+  rejected after accepting them; their units go back into the quarantine.
 """
 
 import base64
@@ -11,12 +13,14 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from usage_meter.billing.stripe_subscriptions import (
+    ERROR_REPORT_EVENTS,
     SUBSCRIPTION_EVENTS,
     InvalidSignature,
     StripeSubscriptions,
     verify_webhook,
 )
 from usage_meter.config import Settings
+from usage_meter.logic.rejections import handle_error_report
 from usage_meter.logic.subscriptions import handle_subscription_event
 from usage_meter.observability import logger, metrics
 from usage_meter.secrets import Secrets
@@ -26,6 +30,7 @@ settings = Settings.from_env()
 store = DynamoStore(settings.table_name, retention_days=settings.retention_days)
 secrets = Secrets(settings)
 _readers: dict[str, StripeSubscriptions] = {}
+EVENTS_PATH = "/v1/stripe/events"
 
 
 def _reader() -> StripeSubscriptions:
@@ -57,18 +62,51 @@ def _verified(payload: bytes, signature: str | None) -> object:
         return verify_webhook(payload, signature, refreshed)
 
 
+def _refused(error: InvalidSignature) -> dict:
+    logger.warning("delivery refused", extra={"reason": str(error)})
+    metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+    return _answer(400, {"error": {"code": "invalid_signature", "message": str(error)}})
+
+
+def _notification(payload: bytes, signature: str | None) -> dict:
+    reader = _reader()
+    try:
+        notification = reader.notification(payload, signature, secrets.stripe_webhook_secrets())
+    except InvalidSignature as error:
+        refreshed = secrets.refreshed_stripe_webhook_secrets()
+        if refreshed is None:
+            return _refused(error)
+        try:
+            notification = reader.notification(payload, signature, refreshed)
+        except InvalidSignature as again:
+            return _refused(again)
+    if notification.type not in ERROR_REPORT_EVENTS:
+        return _answer(200, {"received": True, "handled": False})
+    now = int(time.time())
+    outcomes = handle_error_report(notification.id, reader.rejections(notification), store, now)
+    if outcomes:
+        metrics.add_metric(
+            name="CountersQuarantined", unit=MetricUnit.Count, value=outcomes["quarantined"]
+        )
+    logger.info(
+        "meter event errors",
+        extra={"event": notification.id, "type": notification.type, "outcomes": outcomes},
+    )
+    return _answer(200, {"received": True, "handled": outcomes is not None})
+
+
 @logger.inject_lambda_context
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     body = event.get("body") or ""
     payload = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
     headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+    if event.get("rawPath") == EVENTS_PATH:
+        return _notification(payload, headers.get("stripe-signature"))
     try:
         stripe_event = _verified(payload, headers.get("stripe-signature"))
     except InvalidSignature as error:
-        logger.warning("webhook refused", extra={"reason": str(error)})
-        metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
-        return _answer(400, {"error": {"code": "invalid_signature", "message": str(error)}})
+        return _refused(error)
     event_id, event_type = stripe_event["id"], stripe_event["type"]  # type: ignore[index]
     if event_type not in SUBSCRIPTION_EVENTS:
         return _answer(200, {"received": True, "handled": False})

@@ -103,7 +103,10 @@ def subscribe(stack: LocalStack, customer: str) -> None:
     assert stack.stripe is not None
     fake = stack.stripe
     client = stripe.StripeClient("sk_test_local", base_addresses={"api": fake.url})
-    meter = fake.add_meter("ai_messages")
+    meter = next(
+        (m for m in client.v1.billing.meters.list().data if m["event_name"] == "ai_messages"),
+        None,
+    ) or fake.add_meter("ai_messages")
     price = client.v1.prices.create(
         params={
             "currency": "usd",
@@ -158,6 +161,7 @@ def toured(iam_stack: LocalStack) -> list[Call]:
     # Stripe: an unsigned webhook is refused; a subscription's signed one (its secret from
     # Secrets Manager) stores cus_IamA's periods and cuts its calendar month's counter
     send("POST", "/v1/stripe/webhook", 400, {"id": "evt_x"})
+    send("POST", "/v1/stripe/events", 400, {"id": "evt_x"})
     subscribe(stack, "cus_IamA")
     assert send("GET", "/v1/customers/cus_IamA/usage", 200)["period"]["source"] == (
         "stripe_subscription"
@@ -198,6 +202,33 @@ def toured(iam_stack: LocalStack) -> list[Call]:
     assert stack.stripe.totals()[("cus_IamGone", "ai_messages")] == 4
     [delivered] = [e for e in stack.stripe.accepted() if e.customer == "cus_IamGone"]
     assert delivered.identifier.endswith(".2")  # decision 1 was refused: a new identifier
+    # Stripe accepts cus_IamGhost's usage, then rejects it: the event destination's
+    # notification takes its units back into the quarantine
+    stack.stripe.async_validation = True
+    try:
+        send("POST", "/v1/events", 202, event("cus_IamGhost", 3, "iam-g"))
+        delivered_before = len(stack.stripe.deliveries)
+        [run] = stack.run_schedules()
+        assert run.error is None and run.result["sent"] == 1, run
+        stack.stripe.flush_error_reports()  # the report is due at once: sent now, if not yet
+        deadline = time.monotonic() + 30
+        while not [d for d in stack.stripe.deliveries[delivered_before:] if d.get("status") == 200]:
+            assert time.monotonic() < deadline, [
+                (d["target"], d["status"], d["error"]) for d in stack.stripe.deliveries
+            ]
+            time.sleep(0.05)
+    finally:
+        stack.stripe.async_validation = False
+    ghost = send("GET", "/v1/customers/cus_IamGhost/usage", 200)["meters"]
+    assert [(m["quantity"], m["reported"]) for m in ghost if m["meter"] == "ai_messages"] == [
+        (3, 0)
+    ]
+    # and the operator reconciles the periods that ended since yesterday
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STRIPE_API_KEY", "sk_test_local")
+        env.setenv("STRIPE_API_BASE", stack.stripe.url)
+        since = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(time.time() - 86_400))
+        assert operator(stack, env, "reconcile", "--since", since) == 0
     return [call for gate in stack.iam_gates for call in gate.calls]
 
 
@@ -295,4 +326,5 @@ def test_the_tour_covered_every_route_of_the_template(iam_stack, toured):
         "OPTIONS /v1/customers/{stripe_customer_id}/usage",
         "POST /v1/portal-tokens",
         "POST /v1/stripe/webhook",
+        "POST /v1/stripe/events",
     }, "a new route needs its place in the tour above"

@@ -136,6 +136,7 @@ SAMPLE_RESULTS = {
     "issue-portal-token.json": 201,
     # Signed with the local secret long ago: past Stripe's 300 s tolerance, so refused.
     "stripe-webhook.json": 400,
+    "stripe-event-notification.json": 400,
 }
 
 

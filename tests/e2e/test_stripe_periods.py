@@ -223,3 +223,76 @@ def test_a_duplicate_delivery_is_answered_and_changes_nothing(stack, api, fake, 
     wait_for(lambda: len(fake.deliveries) > delivered)
     assert fake.deliveries[-1]["status"] == 200
     assert usage(api, customer)["period"] == period
+
+
+def test_usage_stripe_rejects_after_accepting_is_quarantined_then_billed_once_when_fixed(
+    stack, api, fake, client
+):
+    customer = "cus_E2eGhost1"  # Stripe has no such customer yet
+    metered_price(client, fake, "ai_messages")  # the meter exists
+    fake.async_validation = True
+    try:
+        record(api, customer, int(time.time()), 7)
+        flushed = requests.post(f"{stack.api_url}/_local/flush", timeout=60).json()
+        assert flushed["FlushFunction"]["sent"] >= 1  # Stripe answered 200 ...
+        [rejected] = [r for r in fake.rejected_async() if r.customer == customer]
+        fake.flush_error_reports()  # ... and reports the failure as an event notification
+        # The event destination's notification takes the units back into the quarantine
+        meter = wait_for(
+            lambda: (
+                next(
+                    m
+                    for m in usage(api, customer)["meters"]
+                    if m["meter"] == "ai_messages" and m["reported"] == 0
+                )
+                if any(
+                    m["meter"] == "ai_messages" and m["reported"] == 0
+                    for m in usage(api, customer)["meters"]
+                )
+                else None
+            )
+        )
+        assert (meter["quantity"], meter["pending"]) == (7, 7)
+        quarantined = _quarantined(stack)
+        [held] = [c for c in quarantined if c.customer == customer]
+        assert held.quarantine_reason and held.quarantine_reason.startswith(
+            "meter_event_customer_not_found"
+        )
+        # Once the customer exists, the operator replays; the next flush bills it once
+        fake.add_customer(customer)
+        _replay(stack, held.id)
+        assert requests.post(f"{stack.api_url}/_local/flush", timeout=60).status_code == 200
+        assert fake.totals()[(customer, "ai_messages")] == 7
+        assert rejected.identifier not in {e.identifier for e in fake.accepted()}
+        [meter] = [m for m in usage(api, customer)["meters"] if m["meter"] == "ai_messages"]
+        assert (meter["reported"], meter["pending"]) == (7, 0)
+    finally:
+        fake.async_validation = False
+
+
+def _engine_store(stack: LocalStack):
+    """The stack's table straight from the engine, as an operator's tool would see it."""
+    import boto3
+
+    from usage_meter.store.dynamodb import DynamoStore
+
+    assert stack.backends is not None
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=stack.iam_gates[0].upstream.geturl(),
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    return DynamoStore(stack.backends.table_name, client=client)
+
+
+def _quarantined(stack: LocalStack):
+    return _engine_store(stack).quarantined()
+
+
+def _replay(stack: LocalStack, counter_id: str) -> None:
+    from usage_meter.logic.quarantine import REPLAY_GUARD, replay
+
+    # The replay guard's 15 minutes, passed by giving the replay a later clock
+    replay(_engine_store(stack), counter_id, now=int(time.time()) + REPLAY_GUARD + 1)

@@ -226,6 +226,9 @@ class TappedStore:
         self._tap("decided", counter)
         return decided
 
+    def log_send(self, counter: Counter, decision: Decision) -> None:
+        self._store.log_send(counter, decision)
+
     def confirm(self, counter: Counter, decision: Decision) -> bool:
         confirmed: bool = self._store.confirm(counter, decision)
         self._tap("confirmed", counter)

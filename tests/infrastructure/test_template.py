@@ -95,6 +95,7 @@ def test_routes_are_the_contracts_routes(transformed):
         "POST /v1/portal-tokens",
         "OPTIONS /v1/customers/{stripe_customer_id}/usage",
         "POST /v1/stripe/webhook",
+        "POST /v1/stripe/events",
     }
 
 
@@ -102,7 +103,7 @@ def test_every_route_is_guarded_by_the_lambda_authorizer(transformed):
     body = transformed["Resources"]["UsageApi"]["Properties"]["Body"]
     for path, methods in body["paths"].items():
         for method, operation in methods.items():
-            if method != "options" and path != "/v1/stripe/webhook":
+            if method != "options" and not path.startswith("/v1/stripe/"):
                 assert operation.get("security") == [{"KeyOrToken": []}], (method, path)
     authorizer = body["components"]["securitySchemes"]["KeyOrToken"][
         "x-amazon-apigateway-authorizer"
@@ -125,7 +126,7 @@ def test_the_table_is_on_demand_recoverable_expiring_with_a_sparse_index():
     assert table["BillingMode"] == "PAY_PER_REQUEST"
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
     assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
-    [index] = table["GlobalSecondaryIndexes"]
+    [index, periods] = table["GlobalSecondaryIndexes"]
     # Keys only: the flush reads each counter consistently anyway, and a record into a counter
     # already in the backlog then writes nothing to the index.
     assert index["IndexName"] == "backlog"
@@ -133,6 +134,13 @@ def test_the_table_is_on_demand_recoverable_expiring_with_a_sparse_index():
     assert index["KeySchema"] == [
         {"AttributeName": "backlog_pk", "KeyType": "HASH"},
         {"AttributeName": "backlog_sk", "KeyType": "RANGE"},
+    ]
+    # Reconciliation's: counters by the day their period ends, keys only, set once per counter
+    assert periods["IndexName"] == "periods"
+    assert periods["Projection"] == {"ProjectionType": "KEYS_ONLY"}
+    assert periods["KeySchema"] == [
+        {"AttributeName": "period_pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
     ]
 
 
@@ -210,10 +218,10 @@ def test_stripes_webhook_is_signed_not_keyed_and_its_function_touches_only_custo
 ):
     paths = transformed["Resources"]["UsageApi"]["Properties"]["Body"]["paths"]
     assert paths["/v1/stripe/webhook"]["post"]["security"] == [{"NONE": []}]
+    assert paths["/v1/stripe/events"]["post"]["security"] == [{"NONE": []}]
     [table, secrets] = statements(transformed, "StripeWebhookFunction")
-    assert table["Condition"] == {
-        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["USAGE#*", "STRIPE_EVENT#*"]}
-    }
+    keys = ["USAGE#*", "STRIPE_EVENT#*", "SENT#*", "QUARANTINE"]
+    assert table["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": keys}}
     assert secrets["Action"] == ["secretsmanager:GetSecretValue"]
 
 

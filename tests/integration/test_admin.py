@@ -54,17 +54,25 @@ def test_status_counts_the_backlog_the_decisions_in_flight_and_the_quarantine(lo
     store = DynamoStore(local_table.name)
     [flight] = [c for page in store.backlog() for c in page if c.customer == "cus_Flight"]
     assert store.decide(flight, Decision(seq=1, value=5, timestamp=int(now), decided_at=int(now)))
-    # When the operator asks for the status
-    assert run(local_table.name, "status") == 0
+    # When the operator asks for the status, for a script
+    assert run(local_table.name, "status", "--json") == 0
     # Then (the quarantined counter stays in the backlog until the next run releases it)
-    assert lines(capsys) == [
-        {
-            "counters_in_backlog": 3,
-            "units_unsent": 3,
-            "decisions_in_flight": 1,
-            "quarantined_counters": 1,
-        }
-    ]
+    [status] = lines(capsys)
+    assert status == status | {
+        "counters_in_backlog": 3,
+        "units_unsent": 3,
+        "decisions_in_flight": 1,
+        "units_in_flight": 5,
+        "quarantined_counters": 1,
+        "units_quarantined": 4,
+        "quarantined_pairs": 1,
+    }
+    assert status["oldest_decision_in_flight_seconds"] < 60
+    # and for a person: the same, readable, with what needs attention
+    assert run(local_table.name, "status") == 0
+    readable = capsys.readouterr().out
+    assert "counters waiting for Stripe    3" in readable
+    assert "verdict: units are quarantined" in readable
 
 
 def test_quarantine_list_shows_each_counter_with_its_units_and_reason(local_table, capsys):

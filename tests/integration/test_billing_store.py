@@ -108,7 +108,7 @@ def test_an_anchor_reset_cuts_the_counter_and_later_records_never_undo_the_cut(s
     stripe = FakeBilling()
     Flusher(store, stripe, time_left=lambda: 900, clock=FakeClock(reset + 300)).run()
     [sent] = stripe.delivered.values()
-    assert (sent.value, sent.timestamp) == (6, reset - 1)
+    assert (sent.value, sent.timestamp) == (6, at("2026-11-20T10:10:59"))  # its last whole minute
 
 
 def test_a_handled_stripe_event_is_remembered(store):

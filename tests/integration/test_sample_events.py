@@ -52,5 +52,6 @@ def test_there_is_a_sample_for_every_route_and_the_schedule():
         "read-usage.json",
         "record-batch.json",
         "record-event.json",
+        "stripe-event-notification.json",
         "stripe-webhook.json",
     ]

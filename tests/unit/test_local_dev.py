@@ -66,6 +66,7 @@ def test_the_routes_are_the_templates_httpapi_events(routes):
         ("POST", "/v1/events", "RecordFunction"),
         ("POST", "/v1/events/batch", "RecordFunction"),
         ("POST", "/v1/portal-tokens", "ReadFunction"),
+        ("POST", "/v1/stripe/events", "StripeWebhookFunction"),
         ("POST", "/v1/stripe/webhook", "StripeWebhookFunction"),
     ]
 
@@ -79,6 +80,7 @@ def test_every_route_but_the_cors_preflight_and_stripes_webhook_has_the_authoriz
         ("/v1/portal-tokens", "AuthorizerFunction"),
         ("/v1/customers/{stripe_customer_id}/usage", None),  # the CORS preflight
         ("/v1/stripe/webhook", None),  # Stripe signs it instead
+        ("/v1/stripe/events", None),
     }
     [headers] = {r.authorizer.identity_headers for r in routes.routes if r.authorizer}
     assert headers == ("Authorization",)

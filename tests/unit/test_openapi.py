@@ -23,12 +23,15 @@ EVENT = {"stripe_customer_id": "cus_Q1w2E3r4", "meter": "ai_messages", "quantity
 REF_PREFIX = "#/components/schemas/"
 USAGE_ROUTE = "/v1/customers/{stripe_customer_id}/usage"
 WEBHOOK_ROUTE = "/v1/stripe/webhook"  # Stripe's: signed, not keyed; its body is Stripe's event
+EVENTS_ROUTE = "/v1/stripe/events"  # likewise: an event destination's thin notifications
+STRIPES = {WEBHOOK_ROUTE, EVENTS_ROUTE}
 ROUTES = {
     ("/v1/events", "post"): {"200", "202", "400", "401", "403", "409", "413", "422", "503"},
     ("/v1/events/batch", "post"): {"202", "400", "401", "403", "409", "413", "422", "503"},
     (USAGE_ROUTE, "get"): {"200", "401", "403", "422"},
     ("/v1/portal-tokens", "post"): {"201", "400", "401", "403", "413", "422"},
     (WEBHOOK_ROUTE, "post"): {"200", "400"},
+    (EVENTS_ROUTE, "post"): {"200", "400"},
 }
 
 
@@ -126,12 +129,12 @@ def test_every_route_needs_a_bearer_credential(document: Document) -> None:
     assert all(
         "security" not in operation
         for path, _, operation in operations(document)
-        if path != WEBHOOK_ROUTE
+        if path not in STRIPES
     )
-    # Stripe's webhook carries no bearer credential: its Stripe-Signature header is checked
-    [webhook] = [o for path, _, o in operations(document) if path == WEBHOOK_ROUTE]
-    assert webhook["security"] == []
-    assert [p["name"] for p in webhook["parameters"]] == ["Stripe-Signature"]
+    # Stripe's routes carry no bearer credential: their Stripe-Signature header is checked
+    for webhook in [o for path, _, o in operations(document) if path in STRIPES]:
+        assert webhook["security"] == []
+        assert [p["name"] for p in webhook["parameters"]] == ["Stripe-Signature"]
 
 
 # --- schemas come from the models ------------------------------------------------------------
@@ -150,7 +153,7 @@ def test_request_bodies_are_the_request_models(document: Document) -> None:
     bodies = {
         operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         for path, _, operation in operations(document)
-        if "requestBody" in operation and path != WEBHOOK_ROUTE
+        if "requestBody" in operation and path not in STRIPES
     }
     # When / Then they are exactly the request models, each required
     assert bodies == {REF_PREFIX + model.__name__ for model in openapi.REQUEST_MODELS}

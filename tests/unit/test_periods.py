@@ -279,8 +279,9 @@ def test_a_renewal_at_13_37_12_bills_13_07_and_13_38_each_in_its_own_period():
     assert (after.meters[0].quantity, after.meters[0].billable) == (5, 3)
     flush(store, stripe, "2026-11-13T13:40:00")
     stamps = sorted((r.timestamp, r.value) for r in stripe.delivered.values())
-    # The ended period's units carry its last second; the new one's the flush time.
-    assert stamps == [(RENEWAL - 1, 3), (at("2026-11-13T13:40:00"), 5)]
+    # The ended period's units carry its last whole minute's last second (13:36:59: Stripe's
+    # summaries are minute-aligned, so they reconcile); the new one's the flush time.
+    assert stamps == [(at("2026-11-13T13:36:59"), 3), (at("2026-11-13T13:40:00"), 5)]
 
 
 def test_an_anchor_reset_learned_later_cuts_the_counter_so_its_units_stay_before_it():
@@ -291,7 +292,7 @@ def test_an_anchor_reset_learned_later_cuts_the_counter_so_its_units_stay_before
     record(store, "2026-10-25T12:01:00", event("2026-10-25T12:00:30", 6))
     flush(store, stripe, "2026-10-25T12:05:00")
     assert sorted((r.timestamp, r.value) for r in stripe.delivered.values()) == [
-        (reset - 1, 4),
+        (at("2026-10-25T11:59:59"), 4),
         (at("2026-10-25T12:05:00"), 6),
     ]
 
@@ -345,3 +346,13 @@ def test_a_flush_after_the_invoice_finalized_quarantines_instead_of_sending():
     flush(store, stripe, "2026-11-13T15:05:00")
     [sent] = stripe.delivered.values()
     assert (sent.value, sent.timestamp) == (3, at("2026-11-13T15:05:00"))
+
+
+def test_stamps_stay_inside_the_periods_whole_minutes_so_they_reconcile():
+    store, stripe = subscribed_store(), FakeBilling()
+    record(store, "2026-11-13T13:37:20", event("2026-11-13T13:37:15", 2))
+    # Flushed in the new period's first partial minute: stamped at its first whole minute,
+    # 30 s ahead (Stripe takes up to 5 minutes ahead)
+    flush(store, stripe, "2026-11-13T13:37:30")
+    [sent] = stripe.delivered.values()
+    assert sent.timestamp == at("2026-11-13T13:38:00")

@@ -108,10 +108,13 @@ def test_create_kwargs_come_from_the_templates_table(template: dict[str, Any]) -
     assert kwargs["AttributeDefinitions"] == properties["AttributeDefinitions"]
     assert kwargs["KeySchema"] == properties["KeySchema"]
     assert kwargs["BillingMode"] == "PAY_PER_REQUEST"
-    (index,) = kwargs["GlobalSecondaryIndexes"]
-    (expected,) = properties["GlobalSecondaryIndexes"]
-    assert index == {k: expected[k] for k in ("IndexName", "KeySchema", "Projection")}
-    assert index["Projection"] == {"ProjectionType": "KEYS_ONLY"}
+    indexes = kwargs["GlobalSecondaryIndexes"]
+    expected = properties["GlobalSecondaryIndexes"]
+    assert [i["IndexName"] for i in indexes] == ["backlog", "periods"]
+    assert indexes == [
+        {k: e[k] for k in ("IndexName", "KeySchema", "Projection")} for e in expected
+    ]
+    assert all(i["Projection"] == {"ProjectionType": "KEYS_ONLY"} for i in indexes)
 
 
 def test_create_kwargs_leave_out_what_create_table_does_not_take(

@@ -2,7 +2,7 @@
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
@@ -94,3 +94,32 @@ class Settings(BaseModel):
 
     def included(self, meter: str) -> int:
         return self.meters[meter].included
+
+
+# -- Lambda SnapStart (template parameter SnapStart) ---------------------------------------------
+
+
+def snap_start(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether Lambda is initializing this environment to snapshot it (SnapStart): what init
+    does is then paid once per published version, not at each cold start."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start"
+
+
+def on_snap_start(
+    *,
+    before_snapshot: Callable[[], object] | None = None,
+    after_restore: Callable[[], object] | None = None,
+) -> bool:
+    """Register SnapStart's runtime hooks, when this environment is to be snapshotted; otherwise
+    do nothing, and import nothing. snapshot_restore_py comes with Lambda's Python runtimes (and
+    with awslambdaric). Whether they were registered."""
+    if not snap_start():
+        return False
+    import snapshot_restore_py
+
+    if before_snapshot is not None:
+        snapshot_restore_py.register_before_snapshot(before_snapshot)
+    if after_restore is not None:
+        snapshot_restore_py.register_after_restore(after_restore)
+    return True

@@ -1,4 +1,5 @@
-"""Stripe subscriptions adapter: verify webhooks and read subscriptions' billing periods.
+"""Stripe adapter for what Stripe tells the service: webhooks about subscriptions (their billing
+periods are read back from Stripe) and event notifications about meter events it rejected.
 
 Only the webhook function and the operators' command import it (it imports `stripe`).
 """
@@ -9,6 +10,7 @@ from typing import Any
 
 import stripe
 
+from usage_meter.logic.rejections import Rejection
 from usage_meter.models.domain import ItemPeriods, SubscriptionRead
 
 # The events that can change a subscription's periods (API version 2025-03-31 and later keep
@@ -21,6 +23,10 @@ SUBSCRIPTION_EVENTS = frozenset(
         "customer.subscription.paused",
         "customer.subscription.resumed",
     }
+)
+# Thin event notifications from an event destination: Stripe's asynchronous meter event errors.
+ERROR_REPORT_EVENTS = frozenset(
+    {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
 )
 SIGNATURE_TOLERANCE = 300  # seconds: Stripe's default, which its retries are signed within
 # Statuses whose items have periods Stripe bills in; `incomplete` ones never started.
@@ -59,6 +65,35 @@ class StripeSubscriptions:
             http_client=stripe.RequestsClient(timeout=timeout_seconds),
         )
         self._meters: dict[str, str] = {}  # meter id → event_name
+
+    def notification(self, payload: bytes, signature: str | None, secrets: Sequence[str]) -> Any:
+        """The thin event notification, if one of `secrets` signed it within the tolerance."""
+        if not signature:
+            raise InvalidSignature("no Stripe-Signature header")
+        for secret in secrets:
+            try:
+                return self._client.parse_event_notification(
+                    payload, signature, secret, tolerance=SIGNATURE_TOLERANCE
+                )
+            except stripe.SignatureVerificationError:
+                continue
+            except ValueError as error:
+                raise InvalidSignature(f"not a Stripe event notification: {error}") from None
+        raise InvalidSignature("no valid signature for this destination's secret, or too old")
+
+    @staticmethod
+    def rejections(notification: Any) -> list[Rejection]:
+        """The identifiers an error report samples, with Stripe's code: fetched from Stripe,
+        since a thin notification carries only the event's id."""
+        event = notification.fetch_event()
+        found = []
+        for error_type in event.data.reason.error_types:
+            for sample in error_type.sample_errors:
+                identifier = getattr(sample.request, "identifier", None)
+                if identifier:
+                    message = str(getattr(sample, "error_message", "") or "")
+                    found.append(Rejection(str(identifier), str(error_type.code), message))
+        return found
 
     def read(self, subscription_id: str) -> SubscriptionRead | None:
         """The subscription as Stripe has it now; None if it never billed (incomplete)."""

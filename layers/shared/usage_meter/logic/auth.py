@@ -8,7 +8,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from usage_meter.errors import UsageMeterError
@@ -77,13 +77,19 @@ def bearer(authorization: str | None) -> str:
     return credential.strip()
 
 
+# The portal token secrets, or how to get them: fetched only for a portal token, so a server key
+# never waits for Secrets Manager (nor does the authorizer's first request after a cold start).
+TokenSecrets = Sequence[bytes] | Callable[[], Sequence[bytes]]
+
+
 def authenticate(
-    credential: str, *, keys: KeyStore, token_secrets: Sequence[bytes], now: int
+    credential: str, *, keys: KeyStore, token_secrets: TokenSecrets, now: int
 ) -> Principal:
     if credential.startswith(KEY_PREFIX):
         return _server_key(credential, keys)
     if credential.startswith(TOKEN_PREFIX):
-        return verify_portal_token(credential, token_secrets, now)
+        found = token_secrets() if callable(token_secrets) else token_secrets
+        return verify_portal_token(credential, found, now)
     raise Unauthenticated("not a usage-meter key or portal token")
 
 
@@ -162,7 +168,7 @@ def verify_portal_token(token: str, token_secrets: Sequence[bytes], now: int) ->
 
 
 def identify(
-    authorization: str | None, *, keys: KeyStore, token_secrets: Sequence[bytes], now: int
+    authorization: str | None, *, keys: KeyStore, token_secrets: TokenSecrets, now: int
 ) -> Principal:
     """The authorizer's whole decision: who is calling. It depends on the credential alone, so
     API Gateway may cache it per Authorization header; what the caller may do on a route, and

@@ -36,7 +36,7 @@ from usage_meter.models.domain import Counter, Decision, MeterEventRequest
 from usage_meter.models.output import FlushSummary
 from usage_meter.store import CounterStore
 
-HOUR = 3600
+MINUTE, HOUR = 60, 3600
 MAX_STRIPE_VALUE = 10**15 - 1  # Stripe takes at most 15 significant digits
 STRIPE_MAX_AGE = 35 * 24 * HOUR
 SEND_MARGIN = 10 * 60  # a timestamp this close to Stripe's 35-day limit may arrive too late
@@ -53,9 +53,21 @@ def too_old_for_stripe(timestamp: int, now: int) -> bool:
     return timestamp < now - STRIPE_MAX_AGE + SEND_MARGIN
 
 
+def stamp_window(counter: Counter) -> tuple[int, int]:
+    """The seconds a decision for the counter may carry, [first, last]: its period's whole
+    minutes. Stripe's meter event summaries only take minute-aligned windows, so units stamped
+    there reconcile per period exactly (a period shorter than that keeps its own seconds)."""
+    start = int(_start(counter))
+    first, last = -(-start // MINUTE) * MINUTE, counter.period_end // MINUTE * MINUTE - 1
+    return (first, last) if first <= last else (start, counter.period_end - 1)
+
+
 def stamp(counter: Counter, now: int) -> int:
-    """The timestamp a decision sends: now, or the period's last second once it has ended."""
-    return min(now, counter.period_end - 1)
+    """The timestamp a decision sends: now, kept inside the period's whole minutes. In the
+    period's first partial minute that is up to 59 s ahead, well inside the 5 minutes Stripe
+    accepts; once the period ended, its last stampable second."""
+    first, last = stamp_window(counter)
+    return min(max(now, first), last)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class FlushPolicy:
 class _Tally:
     summary: FlushSummary = field(default_factory=FlushSummary)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    pairs: set[tuple[str, str]] = field(default_factory=set)  # (customer, meter) quarantined
 
     def add(self, **counts: int) -> None:
         with self.lock:
@@ -83,6 +96,27 @@ class _Tally:
     def error(self, message: str) -> None:
         with self.lock:
             self.summary.errors.append(message)
+
+    def found(self, page: Sequence[Counter], now: int) -> None:
+        """The backlog's size and age, for the metrics: units not yet reported, and how long
+        the oldest decision found still unconfirmed has waited since a run made it."""
+        with self.lock:
+            for counter in page:
+                self.summary.units_unreported += max(
+                    counter.quantity - counter.reported - counter.quarantined, 0
+                )
+                if counter.sending is not None:
+                    age = max(now - counter.sending.decided_at, 0)
+                    self.summary.oldest_unreported_seconds = max(
+                        self.summary.oldest_unreported_seconds, age
+                    )
+
+    def quarantined(self, counter: Counter, decision: Decision) -> None:
+        with self.lock:
+            self.summary.quarantined += 1
+            self.summary.units_quarantined += decision.value
+            self.pairs.add((counter.customer, counter.meter))
+            self.summary.pairs_quarantined = len(self.pairs)
 
 
 class Flusher:
@@ -113,6 +147,7 @@ class Flusher:
                 if not self._has_time():
                     break
                 self._tally.add(counters_read=len(page))
+                self._tally.found(page, int(self._clock()))
                 self._work(page, read_at=self._clock())
         except Exception as error:  # a store fault: what is decided stays for the next run
             self._tally.error(f"reading the backlog failed: {type(error).__name__}: {error}")
@@ -213,6 +248,9 @@ class Flusher:
         for attempt in range(self._policy.rate_limit_attempts):
             if self._clock() - read_at > STALE_READ:
                 break  # what this run read may have changed since: the next run reads again
+            if attempt == 0:
+                # Before Stripe can have the identifier: an asynchronous rejection finds it.
+                self._store.log_send(counter, decision)
             try:
                 self._billing.send(request)
             except RateLimited as limited:
@@ -254,7 +292,7 @@ class Flusher:
         self, counter: Counter, decision: Decision, reason: str, *, hold: bool = False
     ) -> None:
         if self._store.quarantine(counter, decision, reason, int(self._clock()), hold=hold):
-            self._tally.add(quarantined=1)
+            self._tally.quarantined(counter, decision)
         else:  # changed meanwhile, or another decision is held: it stays for the next run
             self._tally.add(deferred=1)
 

@@ -14,7 +14,7 @@ class Scope(StrEnum):
 class ApiKey(BaseModel):
     """A server key as stored: the secret itself is never kept, only its hash."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     key_id: str
     name: str
@@ -27,7 +27,7 @@ class ApiKey(BaseModel):
 class Principal(BaseModel):
     """An authenticated caller, as the authorizer hands it to the functions."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     kind: str  # "key" or "portal"
     id: str  # key id, or the customer a portal token is for

@@ -11,7 +11,7 @@ Interval = Literal["day", "week", "month", "year"]
 
 
 class Period(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     start: datetime
     end: datetime
@@ -24,7 +24,7 @@ class Period(BaseModel):
 class ItemPeriods(BaseModel):
     """One metered subscription item's billing periods, as synced from Stripe."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     item: str
     meter: str  # the event_name of the Meter its price bills
@@ -39,7 +39,7 @@ class ItemPeriods(BaseModel):
 class Subscription(BaseModel):
     """A customer's subscription as the service last read it from Stripe."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     id: str
     customer: str
@@ -51,7 +51,7 @@ class Subscription(BaseModel):
 class SubscriptionRead(BaseModel):
     """A subscription as just read from Stripe: each item carries its current period only."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     id: str
     customer: str
@@ -65,7 +65,7 @@ class SubscriptionRead(BaseModel):
 class CustomerBilling(BaseModel):
     """Every subscription the service knows for one customer."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     customer: str
     subscriptions: dict[str, Subscription] = {}
@@ -80,7 +80,7 @@ class CustomerBilling(BaseModel):
 class UsageEvent(BaseModel):
     """An accepted event, as the store keeps it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     id: str
     customer: str
@@ -94,7 +94,7 @@ class UsageEvent(BaseModel):
 
 
 class RecordResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     id: str
     duplicate: bool
@@ -103,7 +103,7 @@ class RecordResult(BaseModel):
 class MeterTotals(BaseModel):
     """One period counter: everything accepted, and the part Stripe has confirmed."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     meter: str
     quantity: int = 0
@@ -114,7 +114,7 @@ class Decision(BaseModel):
     """What one Stripe call for a counter carries, written on the counter before the call: a
     resend after any crash or lost answer reuses it, identifier included."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     seq: int  # the counter's decision number; never reused, so identifiers never repeat
     value: int
@@ -126,7 +126,7 @@ class Counter(BaseModel):
     """One (customer, meter, period) counter shard: the record writes add to it, and it is the
     unit the flush reports. Hot pairs spread over a few shards, each reported on its own."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     customer: str
     meter: str
@@ -168,10 +168,28 @@ class Counter(BaseModel):
 class MeterEventRequest(BaseModel):
     """What one Stripe call carries."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     identifier: str
     event_name: str
     customer: str
     value: int
     timestamp: int
+
+
+class SentDecision(BaseModel):
+    """A decision as logged before its Stripe call, by identifier: what Stripe's asynchronous
+    rejection of that identifier takes back, and what reconciliation counts."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+    identifier: str
+    customer: str
+    meter: str
+    period_start: str
+    shard: int
+    seq: int
+    value: int
+    timestamp: int
+    rejected_at: int | None = None
+    reason: str | None = None

@@ -43,7 +43,7 @@ def parse_timestamp(value: int | str) -> datetime:
 class EventIn(BaseModel):
     """One usage event as a client sends it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     stripe_customer_id: CustomerId
     meter: Annotated[str, StringConstraints(min_length=1, max_length=100)]
@@ -62,7 +62,7 @@ class EventIn(BaseModel):
 
 
 class BatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH_EVENTS)]
 
@@ -70,7 +70,7 @@ class BatchIn(BaseModel):
 class PortalTokenIn(BaseModel):
     """A request for a portal token: read-only access to one customer's usage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     stripe_customer_id: CustomerId
     ttl_seconds: Annotated[StrictInt, Field(ge=60, le=24 * 3600)] = 3600

@@ -13,16 +13,20 @@ def _rfc3339(moment: datetime) -> str:
 
 
 class RecordOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     id: str
     duplicate: bool
 
 
 class BatchOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     results: list[RecordOut]
 
 
 class PeriodOut(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     start: datetime
     end: datetime
@@ -34,6 +38,8 @@ class PeriodOut(BaseModel):
 
 
 class MeterUsageOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     meter: str
     quantity: int
     reported: int
@@ -46,6 +52,8 @@ class MeterUsageOut(BaseModel):
 
 
 class UsageOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     stripe_customer_id: str
     period: PeriodOut
     meters: list[MeterUsageOut]
@@ -57,17 +65,23 @@ class UsageOut(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     code: str
     message: str
     details: list[dict[str, Any]] = []
 
 
 class ErrorOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     error: ErrorBody
 
 
 class FlushSummary(BaseModel):
     """What one flush run did; logged, returned and turned into metrics."""
+
+    model_config = ConfigDict(defer_build=True)
 
     counters_read: int = 0  # counters with unsent or in-flight units
     resumed: int = 0  # decisions an earlier run made and did not finish, sent again
@@ -78,9 +92,18 @@ class FlushSummary(BaseModel):
     released: int = 0  # counters left with nothing unsent, out of the backlog
     stopped_early: bool = False
     errors: list[str] = []
+    # For the metrics and alarms (functions/flush/app.py):
+    units_unreported: int = 0  # units not yet reported in the counters read: the backlog's size
+    # How long the oldest decision found unconfirmed has waited since a run made it (0: none).
+    # Units no decision covers yet wait at most one schedule period while runs complete.
+    oldest_unreported_seconds: int = 0
+    units_quarantined: int = 0  # the units of the decisions quarantined
+    pairs_quarantined: int = 0  # distinct (customer, meter) pairs among them
 
 
 class PortalTokenOut(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     token: str
     expires_at: datetime
 

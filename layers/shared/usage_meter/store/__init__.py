@@ -3,7 +3,14 @@
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
-from usage_meter.models.domain import Counter, CustomerBilling, Decision, MeterTotals, UsageEvent
+from usage_meter.models.domain import (
+    Counter,
+    CustomerBilling,
+    Decision,
+    MeterTotals,
+    SentDecision,
+    UsageEvent,
+)
 
 
 class BillingReader(Protocol):
@@ -44,6 +51,10 @@ class CounterStore(Protocol):
         """Every counter in the backlog, read consistently, in pages of a bounded size."""
         ...
 
+    def log_send(self, counter: Counter, decision: Decision) -> None:
+        """Log the decision by its identifier before Stripe can have it (idempotent)."""
+        ...
+
     def decide(self, counter: Counter, decision: Decision) -> bool:
         """Write the decision on the counter, if no other was made since `counter` was read."""
         ...
@@ -78,4 +89,19 @@ class QuarantineStore(BillingReader, Protocol):
         since `counter` was read; with restamp_to, move them into that (current) period. With
         resend, the held decision goes back in flight as it was (nothing else may be in flight);
         the rest of the quarantined units become unsent."""
+        ...
+
+
+class RejectionStore(Protocol):
+    """Stripe's asynchronous rejections: a logged decision's units leave `reported` (or its
+    in-flight state) for the quarantine, once."""
+
+    def sent(self, identifier: str) -> SentDecision | None: ...
+
+    def counter_of(self, sent: SentDecision) -> Counter | None: ...
+
+    def unreport(self, counter: Counter, sent: SentDecision, reason: str, at: int) -> bool:
+        """Move the decision's units into the quarantine, if the counter is as read and the
+        decision was not taken back before. Its units were confirmed, or, when the counter
+        still has it in flight, are taken out of flight."""
         ...

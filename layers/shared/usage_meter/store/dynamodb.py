@@ -6,6 +6,7 @@ Items, all in one table:
   billing     pk USAGE#<customer>           sk BILLING  (the customer's Stripe subscription periods)
   quarantine  pk QUARANTINE                 sk <counter id>  (a counter with refused units)
   webhook     pk STRIPE_EVENT#<event id>    sk STRIPE_EVENT  (a Stripe event already handled)
+  sent        pk SENT#<identifier>          sk SENT  (a decision, logged before its Stripe call)
   api key     pk APIKEY#<key id>            sk APIKEY  (the secret's hash, never the secret)
 The sparse `backlog` index (keys only) holds exactly the counters with units not yet reported:
 the record transaction puts a counter in, the flush takes it out once nothing is left to send.
@@ -31,11 +32,13 @@ from usage_meter.models.domain import (
     CustomerBilling,
     Decision,
     MeterTotals,
+    SentDecision,
     Subscription,
     UsageEvent,
 )
 
 INDEX = "backlog"
+PERIODS_INDEX = "periods"
 SHARDS = 16
 # A (customer, meter, period) counter takes its writes on shard 0; a write that meets another
 # transaction on it moves to one of the others, so a hot pair spreads over this many items.
@@ -79,6 +82,12 @@ def _key_of(counter: Counter) -> Item:
 def _backlog_shard(key: Item) -> str:
     digest = hashlib.sha256(f"{key['pk']['S']}|{key['sk']['S']}".encode()).hexdigest()
     return f"U#{int(digest[:8], 16) % SHARDS}"
+
+
+def _period_shard(key: Item, period_end: int) -> str:
+    """The `periods` index key: the day the period ends, and a shard from the counter's key."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(period_end - 1))
+    return f"END#{day}#{_backlog_shard(key).removeprefix('U#')}"
 
 
 def _is_condition_failure(error: ClientError) -> bool:
@@ -190,6 +199,7 @@ class DynamoStore:
         for (customer, start, meter), (quantity, event) in counters.items():
             shard = shards.get((customer, start, meter), 0)
             counter_key = _counter_key(customer, start, meter, shard)
+            end = int(event.period.end.timestamp())
             writes.append(
                 {
                     "Update": {
@@ -200,6 +210,7 @@ class DynamoStore:
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
                         " period_start = :p, counter_shard = :h, expires_at = :x,"
                         " period_source = :ps, period_end = if_not_exists(period_end, :e),"
+                        " period_pk = if_not_exists(period_pk, :pp),"
                         " backlog_pk = if_not_exists(backlog_pk, :bp),"
                         " backlog_sk = if_not_exists(backlog_sk, :bs)",
                         "ExpressionAttributeValues": {
@@ -207,7 +218,8 @@ class DynamoStore:
                             ":c": _s(customer),
                             ":m": _s(meter),
                             ":p": _s(start),
-                            ":e": _n(int(event.period.end.timestamp())),
+                            ":e": _n(end),
+                            ":pp": _s(_period_shard(counter_key, end)),
                             ":ps": _s(event.period.source),
                             ":h": _n(shard),
                             ":x": _n(expires),
@@ -281,12 +293,32 @@ class DynamoStore:
         return [_to_counter(item, self._table) for item in items]
 
     def cut(self, counter: Counter, period_end: int) -> bool:
+        key = _key_of(counter)
         return self._update_if(
-            _key_of(counter),
-            "SET period_end = :new",
+            key,
+            "SET period_end = :new, period_pk = :pp",
             "period_end = :old",
-            {":new": _n(period_end), ":old": _n(counter.period_end)},
+            {
+                ":new": _n(period_end),
+                ":old": _n(counter.period_end),
+                ":pp": _s(_period_shard(key, period_end)),
+            },
         )
+
+    def counters_ending_on(self, day: str) -> Iterator[Sequence[Counter]]:
+        """The counters whose period ends on `day` (YYYY-MM-DD, UTC), a page at a time."""
+        for shard in range(SHARDS):
+            keys = [
+                {"pk": item["pk"], "sk": item["sk"]}
+                for item in self._query(
+                    IndexName=PERIODS_INDEX,
+                    KeyConditionExpression="period_pk = :p",
+                    ExpressionAttributeValues={":p": _s(f"END#{day}#{shard}")},
+                )
+            ]
+            for start in range(0, len(keys), PAGE):
+                page = self._batch_get(keys[start : start + PAGE])
+                yield [_to_counter(item, self._table) for item in page]
 
     def stripe_event_handled(self, event_id: str) -> bool:
         item = self._db.get_item(
@@ -349,6 +381,112 @@ class DynamoStore:
         # The index is eventually consistent: decisions are made on a consistent read.
         counters = [_to_counter(item, self._table) for item in self._batch_get(keys)]
         return sorted(counters, key=lambda c: (c.customer, c.meter, c.period_start, c.shard))
+
+    def log_send(self, counter: Counter, decision: Decision) -> None:
+        key = _key_of(counter)
+        try:
+            self._db.put_item(
+                TableName=self._table,
+                Item={
+                    **_sent_key(counter.identifier(decision)),
+                    "counter_pk": key["pk"],
+                    "counter_sk": key["sk"],
+                    "customer": _s(counter.customer),
+                    "meter": _s(counter.meter),
+                    "period_start": _s(counter.period_start),
+                    "counter_shard": _n(counter.shard),
+                    "seq": _n(decision.seq),
+                    "value": _n(decision.value),
+                    "timestamp": _n(decision.timestamp),
+                    # Stripe reports a rejection within hours; reconciliation looks back weeks.
+                    "expires_at": _n(int(self._clock()) + 62 * DAY),
+                },
+                ConditionExpression="attribute_not_exists(pk)",  # a resend logs nothing new
+            )
+        except ClientError as error:
+            if not _is_condition_failure(error):
+                raise
+
+    def sent(self, identifier: str) -> SentDecision | None:
+        item = self._db.get_item(
+            TableName=self._table, Key=_sent_key(identifier), ConsistentRead=True
+        ).get("Item")
+        if item is None:
+            return None
+        return SentDecision(
+            identifier=identifier,
+            customer=item["customer"]["S"],
+            meter=item["meter"]["S"],
+            period_start=item["period_start"]["S"],
+            shard=int(item["counter_shard"]["N"]),
+            seq=int(item["seq"]["N"]),
+            value=int(item["value"]["N"]),
+            timestamp=int(item["timestamp"]["N"]),
+            rejected_at=int(item["rejected_at"]["N"]) if "rejected_at" in item else None,
+            reason=item["reason"]["S"] if "reason" in item else None,
+        )
+
+    def counter_of(self, sent: SentDecision) -> Counter | None:
+        key = _counter_key(sent.customer, sent.period_start, sent.meter, sent.shard)
+        item = self._db.get_item(TableName=self._table, Key=key, ConsistentRead=True).get("Item")
+        return _to_counter(item, self._table) if item else None
+
+    def unreport(self, counter: Counter, sent: SentDecision, reason: str, at: int) -> bool:
+        key = _key_of(counter)
+        values = {":v": _n(sent.value), ":s": _n(sent.seq), ":r": _s(reason[:500]), ":at": _n(at)}
+        if counter.sending is not None and counter.sending.seq == sent.seq:
+            # Still in flight: it leaves flight for the quarantine, as a refusal would.
+            expression = (
+                "ADD quarantined :v SET quarantine_reason = :r, quarantined_at = :at"
+                " REMOVE sending_seq, sending_value, sending_timestamp, sending_at"
+            )
+            condition = "sending_seq = :s"
+        else:
+            expression = "ADD reported :minus, quarantined :v SET quarantine_reason = :r,"
+            expression += " quarantined_at = :at"
+            condition = "reported >= :v"
+            condition += " AND (attribute_not_exists(sending_seq) OR sending_seq <> :s)"
+            values[":minus"] = _n(-sent.value)
+        try:
+            self._db.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self._table,
+                            "Key": _sent_key(sent.identifier),
+                            "UpdateExpression": "SET rejected_at = :at, reason = :r",
+                            "ConditionExpression": "attribute_exists(pk)"
+                            " AND attribute_not_exists(rejected_at)",
+                            "ExpressionAttributeValues": {":at": _n(at), ":r": _s(reason[:500])},
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table,
+                            "Key": key,
+                            "UpdateExpression": expression,
+                            "ConditionExpression": condition,
+                            "ExpressionAttributeValues": values,
+                        }
+                    },
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": {
+                                "pk": _s(QUARANTINE),
+                                "sk": _s(counter.id),
+                                "counter_pk": key["pk"],
+                                "counter_sk": key["sk"],
+                            },
+                        }
+                    },
+                ]
+            )
+        except ClientError as error:
+            if _is_cancelled_by_condition(error):
+                return False
+            raise
+        return True
 
     def decide(self, counter: Counter, decision: Decision) -> bool:
         condition = "attribute_not_exists(sending_seq) AND "
@@ -542,6 +680,7 @@ class DynamoStore:
                         "Key": target,
                         "UpdateExpression": "ADD quantity :q SET customer = :c, meter = :m,"
                         " period_start = :p, period_end = if_not_exists(period_end, :e),"
+                        " period_pk = if_not_exists(period_pk, :pp),"
                         " period_source = :ps, counter_shard = :h,"
                         " expires_at = if_not_exists(expires_at, :x),"
                         " backlog_pk = if_not_exists(backlog_pk, :bp),"
@@ -553,6 +692,7 @@ class DynamoStore:
                             ":m": _s(restamp_to.meter),
                             ":p": _s(restamp_to.period_start),
                             ":e": _n(restamp_to.period_end),
+                            ":pp": _s(_period_shard(target, restamp_to.period_end)),
                             ":ps": _s(restamp_to.period_source),
                             ":h": _n(restamp_to.shard),
                             ":bp": _s(_backlog_shard(target)),
@@ -692,6 +832,10 @@ def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEven
         counters.add(counter)
     if chunk:
         yield chunk
+
+
+def _sent_key(identifier: str) -> Item:
+    return {"pk": _s(f"SENT#{identifier}"), "sk": _s("SENT")}
 
 
 def _billing_key(customer: str) -> Item:
