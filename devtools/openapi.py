@@ -163,6 +163,44 @@ def _operation(
     return operation
 
 
+def _signed_by_stripe(
+    components: _Components, *, operation_id: str, summary: str, description: str
+) -> Schema:
+    """A route Stripe calls: no bearer credential, a Stripe-Signature header, Stripe's body."""
+    received: Schema = {
+        "type": "object",
+        "properties": {"received": {"type": "boolean"}, "handled": {"type": "boolean"}},
+        "required": ["received", "handled"],
+    }
+    return {
+        "operationId": operation_id,
+        "tags": ["stripe"],
+        "summary": summary,
+        "description": description,
+        "security": [],
+        "parameters": [
+            {
+                "name": "Stripe-Signature",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "`t=<unix>,v1=<hex HMAC-SHA256>`, as Stripe sends it.",
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "200": _response("received", received),
+            "400": _response(
+                "not signed by Stripe with this route's secret, or too old",
+                components.ref(ErrorOut, "serialization"),
+            ),
+        },
+    }
+
+
 def _version() -> str:
     with (ROOT / "pyproject.toml").open("rb") as file:
         return str(tomllib.load(file)["project"]["version"])
@@ -260,11 +298,11 @@ def build() -> Schema:
             )
         },
         "/v1/stripe/webhook": {
-            "post": {
-                "operationId": "stripeWebhook",
-                "tags": ["stripe"],
-                "summary": "Stripe's subscription events (register this URL in Stripe)",
-                "description": (
+            "post": _signed_by_stripe(
+                components,
+                operation_id="stripeWebhook",
+                summary="Stripe's subscription events (register this URL in Stripe)",
+                description=(
                     "Consumes customer.subscription.created, .updated, .deleted, .paused and "
                     ".resumed to keep each customer's billing periods. No API key: the "
                     "Stripe-Signature header must verify against the endpoint's signing secret "
@@ -273,45 +311,14 @@ def build() -> Schema:
                     "out-of-order deliveries store Stripe's current state. Other event types "
                     "answer 200 with `handled: false`."
                 ),
-                "security": [],
-                "parameters": [
-                    {
-                        "name": "Stripe-Signature",
-                        "in": "header",
-                        "required": True,
-                        "schema": {"type": "string"},
-                        "description": "`t=<unix>,v1=<hex HMAC-SHA256>`, as Stripe sends it.",
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
-                "responses": {
-                    "200": _response(
-                        "received",
-                        {
-                            "type": "object",
-                            "properties": {
-                                "received": {"type": "boolean"},
-                                "handled": {"type": "boolean"},
-                            },
-                            "required": ["received", "handled"],
-                        },
-                    ),
-                    "400": _response(
-                        "not signed by Stripe with this endpoint's secret, or too old",
-                        components.ref(ErrorOut, "serialization"),
-                    ),
-                },
-            }
+            )
         },
         "/v1/stripe/events": {
-            "post": {
-                "operationId": "stripeEventNotification",
-                "tags": ["stripe"],
-                "summary": "Stripe's thin event notifications (register as an event destination)",
-                "description": (
+            "post": _signed_by_stripe(
+                components,
+                operation_id="stripeEventNotification",
+                summary="Stripe's thin event notifications (register as an event destination)",
+                description=(
                     "Consumes v1.billing.meter.error_report_triggered and "
                     "v1.billing.meter.no_meter_found: meter events Stripe answered 200 for and "
                     "rejected afterwards. The notification is verified with the SDK's "
@@ -320,38 +327,7 @@ def build() -> Schema:
                     "the quarantine with Stripe's code. Each event id is handled once; other "
                     "types answer 200 with `handled: false`; a bad signature answers 400."
                 ),
-                "security": [],
-                "parameters": [
-                    {
-                        "name": "Stripe-Signature",
-                        "in": "header",
-                        "required": True,
-                        "schema": {"type": "string"},
-                        "description": "`t=<unix>,v1=<hex HMAC-SHA256>`, as Stripe sends it.",
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
-                "responses": {
-                    "200": _response(
-                        "received",
-                        {
-                            "type": "object",
-                            "properties": {
-                                "received": {"type": "boolean"},
-                                "handled": {"type": "boolean"},
-                            },
-                            "required": ["received", "handled"],
-                        },
-                    ),
-                    "400": _response(
-                        "not signed by Stripe with this destination's secret, or too old",
-                        components.ref(ErrorOut, "serialization"),
-                    ),
-                },
-            }
+            )
         },
     }
     return {

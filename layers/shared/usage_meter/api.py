@@ -17,7 +17,6 @@ import binascii
 import functools
 import json
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,9 +56,6 @@ if TYPE_CHECKING:
     from usage_meter.store import EventStore, UsageReader
 
 MAX_BODY_BYTES = 64 * 1024
-# A request that records nothing (401, 409, 422, ...) has no metric to publish, and Powertools
-# would warn so, with a file path, on each one: it reads like a fault and is none.
-warnings.filterwarnings("ignore", "No application metrics to publish", UserWarning)
 Clock = Callable[[], datetime]
 
 _STATUS: dict[type[UsageMeterError], HTTPStatus] = {

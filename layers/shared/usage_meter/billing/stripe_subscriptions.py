@@ -5,7 +5,7 @@ Only the webhook function and the operators' command import it (it imports `stri
 """
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import stripe
@@ -37,21 +37,32 @@ class InvalidSignature(Exception):
     """The request is not a webhook Stripe signed with one of our secrets, or is too old."""
 
 
-def verify_webhook(payload: bytes, signature: str | None, secrets: Sequence[str]) -> Any:
-    """The event, if one of `secrets` signed it within the tolerance (during a secret's roll,
-    Stripe signs with the old and the new one)."""
+def _verified_by_any[T](
+    signature: str | None, secrets: Sequence[str], parse: Callable[[str], T]
+) -> T:
+    """What `parse` makes of the delivery with the first secret its signature verifies with
+    (during a secret's roll, Stripe signs with the old and the new one)."""
     if not signature:
         raise InvalidSignature("no Stripe-Signature header")
     for secret in secrets:
         try:
-            return stripe.Webhook.construct_event(
-                payload, signature, secret, tolerance=SIGNATURE_TOLERANCE
-            )
+            return parse(secret)
         except stripe.SignatureVerificationError:
             continue
-        except ValueError as error:  # signed, but not a JSON event
+        except ValueError as error:  # signed, but not a Stripe event
             raise InvalidSignature(f"the payload is not a Stripe event: {error}") from None
     raise InvalidSignature("no valid signature for this endpoint's secret, or it is too old")
+
+
+def verify_webhook(payload: bytes, signature: str | None, secrets: Sequence[str]) -> Any:
+    """The webhook's event, if one of `secrets` signed it within the tolerance."""
+    return _verified_by_any(
+        signature,
+        secrets,
+        lambda secret: stripe.Webhook.construct_event(
+            payload, signature, secret, tolerance=SIGNATURE_TOLERANCE
+        ),
+    )
 
 
 class StripeSubscriptions:
@@ -68,18 +79,13 @@ class StripeSubscriptions:
 
     def notification(self, payload: bytes, signature: str | None, secrets: Sequence[str]) -> Any:
         """The thin event notification, if one of `secrets` signed it within the tolerance."""
-        if not signature:
-            raise InvalidSignature("no Stripe-Signature header")
-        for secret in secrets:
-            try:
-                return self._client.parse_event_notification(
-                    payload, signature, secret, tolerance=SIGNATURE_TOLERANCE
-                )
-            except stripe.SignatureVerificationError:
-                continue
-            except ValueError as error:
-                raise InvalidSignature(f"not a Stripe event notification: {error}") from None
-        raise InvalidSignature("no valid signature for this destination's secret, or too old")
+        return _verified_by_any(
+            signature,
+            secrets,
+            lambda secret: self._client.parse_event_notification(
+                payload, signature, secret, tolerance=SIGNATURE_TOLERANCE
+            ),
+        )
 
     @staticmethod
     def rejections(notification: Any) -> list[Rejection]:

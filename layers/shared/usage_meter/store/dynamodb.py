@@ -447,46 +447,30 @@ class DynamoStore:
             condition = "reported >= :v"
             condition += " AND (attribute_not_exists(sending_seq) OR sending_seq <> :s)"
             values[":minus"] = _n(-sent.value)
-        try:
-            self._db.transact_write_items(
-                TransactItems=[
-                    {
-                        "Update": {
-                            "TableName": self._table,
-                            "Key": _sent_key(sent.identifier),
-                            "UpdateExpression": "SET rejected_at = :at, reason = :r",
-                            "ConditionExpression": "attribute_exists(pk)"
-                            " AND attribute_not_exists(rejected_at)",
-                            "ExpressionAttributeValues": {":at": _n(at), ":r": _s(reason[:500])},
-                        }
-                    },
-                    {
-                        "Update": {
-                            "TableName": self._table,
-                            "Key": key,
-                            "UpdateExpression": expression,
-                            "ConditionExpression": condition,
-                            "ExpressionAttributeValues": values,
-                        }
-                    },
-                    {
-                        "Put": {
-                            "TableName": self._table,
-                            "Item": {
-                                "pk": _s(QUARANTINE),
-                                "sk": _s(counter.id),
-                                "counter_pk": key["pk"],
-                                "counter_sk": key["sk"],
-                            },
-                        }
-                    },
-                ]
-            )
-        except ClientError as error:
-            if _is_cancelled_by_condition(error):
-                return False
-            raise
-        return True
+        return self._transact_if(
+            [
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": _sent_key(sent.identifier),
+                        "UpdateExpression": "SET rejected_at = :at, reason = :r",
+                        "ConditionExpression": "attribute_exists(pk)"
+                        " AND attribute_not_exists(rejected_at)",
+                        "ExpressionAttributeValues": {":at": _n(at), ":r": _s(reason[:500])},
+                    }
+                },
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": key,
+                        "UpdateExpression": expression,
+                        "ConditionExpression": condition,
+                        "ExpressionAttributeValues": values,
+                    }
+                },
+                self._quarantine_marker(counter),
+            ]
+        )
 
     def decide(self, counter: Counter, decision: Decision) -> bool:
         condition = "attribute_not_exists(sending_seq) AND "
@@ -531,37 +515,21 @@ class DynamoStore:
             expression += ", held_seq = :s, held_value = :v, held_timestamp = :t, held_at = :d"
             condition += " AND attribute_not_exists(held_seq)"
             values |= {":t": _n(decision.timestamp), ":d": _n(decision.decided_at)}
-        try:
-            self._db.transact_write_items(
-                TransactItems=[
-                    {
-                        "Update": {
-                            "TableName": self._table,
-                            "Key": key,
-                            "UpdateExpression": expression
-                            + " REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
-                            "ConditionExpression": condition,
-                            "ExpressionAttributeValues": values,
-                        }
-                    },
-                    {
-                        "Put": {
-                            "TableName": self._table,
-                            "Item": {
-                                "pk": _s(QUARANTINE),
-                                "sk": _s(counter.id),
-                                "counter_pk": key["pk"],
-                                "counter_sk": key["sk"],
-                            },
-                        }
-                    },
-                ]
-            )
-        except ClientError as error:
-            if _is_cancelled_by_condition(error):
-                return False
-            raise
-        return True
+        return self._transact_if(
+            [
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": key,
+                        "UpdateExpression": expression
+                        + " REMOVE sending_seq, sending_value, sending_timestamp, sending_at",
+                        "ConditionExpression": condition,
+                        "ExpressionAttributeValues": values,
+                    }
+                },
+                self._quarantine_marker(counter),
+            ]
+        )
 
     def release(self, counter: Counter) -> bool:
         if counter.sending is not None or counter.unsent:
@@ -709,13 +677,7 @@ class DynamoStore:
                 }
             }
         )
-        try:
-            self._db.transact_write_items(TransactItems=writes)
-        except ClientError as error:
-            if _is_cancelled_by_condition(error):
-                return False
-            raise
-        return True
+        return self._transact_if(writes)
 
     # -- server keys -------------------------------------------------------------------------
 
@@ -768,6 +730,31 @@ class DynamoStore:
         return True
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def _transact_if(self, writes: list[Item]) -> bool:
+        """A transaction; False when a condition in it no longer holds (nothing is written)."""
+        try:
+            self._db.transact_write_items(TransactItems=writes)
+        except ClientError as error:
+            if _is_cancelled_by_condition(error):
+                return False
+            raise
+        return True
+
+    def _quarantine_marker(self, counter: Counter) -> Item:
+        """The write that lists a counter among the quarantined ones (operators find it)."""
+        key = _key_of(counter)
+        return {
+            "Put": {
+                "TableName": self._table,
+                "Item": {
+                    "pk": _s(QUARANTINE),
+                    "sk": _s(counter.id),
+                    "counter_pk": key["pk"],
+                    "counter_sk": key["sk"],
+                },
+            }
+        }
 
     def _update_if(
         self, key: Item, expression: str, condition: str, values: Mapping[str, Any]
