@@ -11,9 +11,9 @@ Lambda's code directories are read-only.
 
 Two designs are measured: this tree, and the commit before the cold-start work (BASELINE),
 unpacked with `git archive` into .local/coldstart/trees/ (without git history that column is
-skipped with a message). Each is built with `sam build` into .local/coldstart/build/. A third
-column (unless --no-bytecode) is an experiment: this tree's build with every module precompiled,
-what the functions would start with if the build shipped bytecode.
+skipped with a message). Each is built with `sam build` into .local/coldstart/build/. With
+--bytecode, a third column recompiles this tree's build (an experiment from before its layer
+shipped bytecode itself).
 
 One cold start: a fresh emulator gets its first invocation, starts the runtime
 (`python -m awslambdaric app.lambda_handler`) and hands it the event. A relay between the
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-before", action="store_true", help="measure this tree only")
     parser.add_argument("--profile", action="store_true", help="print the slowest imports")
     parser.add_argument(
-        "--no-bytecode", action="store_true", help="skip the column with a precompiled build"
+        "--bytecode", action="store_true", help="add a column with this build recompiled"
     )
     # `make bench ARGS=...` hands benchmarks.compare's options here too.
     args, _ = parser.parse_known_args(argv)
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sam build ({design}): {seconds:.0f} s → {build_dir}", file=sys.stderr)
         builds[design] = build_dir
     python = runtime_python()
-    if not args.no_bytecode:
+    if args.bytecode:
         builds["bytecode"] = precompiled(builds["now"], python)
     with _dynamodb(ROOT / "template.yaml") as (endpoint, key):
         local = local_environment(endpoint)
