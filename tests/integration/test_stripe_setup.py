@@ -307,3 +307,33 @@ def test_stripe_setup_needs_no_table_and_a_key(monkeypatch, capsys):
         admin.main(["stripe", "setup", "--meters", "{not json"])
     with pytest.raises(SystemExit):
         admin.main(["stripe", "setup", "--currency", "usd"])
+
+
+def destinations(client: stripe.StripeClient) -> list[Any]:
+    return list(
+        client.v2.core.event_destinations.list(
+            params={"include": ["webhook_endpoint.url"]}
+        ).auto_paging_iter()
+    )
+
+
+def test_setup_registers_the_event_destination_once_and_check_then_passes(client, capsys):
+    # When setup runs with the stack's event-destination URL, twice
+    args = ("setup", "--webhook-url", WEBHOOK_URL, "--event-destination-url", DESTINATION_URL)
+    code, lines = run(capsys, *args)
+    assert code == 0
+    [created] = [line for line in lines if "event_destination" in line and "id" in line]
+    assert created["event_destination"] == "created" and created["secret"].startswith("whsec_")
+    assert sorted(created["enabled_events"]) == [
+        "v1.billing.meter.error_report_triggered",
+        "v1.billing.meter.no_meter_found",
+    ]
+    code, lines = run(capsys, *args)
+    assert code == 0 and lines[-1]["event_destination"] == "exists"
+    # Then one thin destination for that URL exists, and check finds nothing missing
+    [destination] = destinations(client)
+    assert destination.event_payload == "thin" and destination.webhook_endpoint.url == (
+        DESTINATION_URL
+    )
+    code, lines = run(capsys, "check", "--webhook-url", WEBHOOK_URL)
+    assert code == 0 and lines[-1]["event_destinations"] == "ok"

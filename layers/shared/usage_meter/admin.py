@@ -9,7 +9,7 @@
     python -m usage_meter.admin --table TABLE keys revoke KEY_ID
     STRIPE_API_KEY=sk_... python -m usage_meter.admin --table TABLE stripe sync
     STRIPE_API_KEY=sk_... python -m usage_meter.admin stripe setup [--price-amount CENTS
-        --currency usd] [--webhook-url URL] [--meters JSON]
+        --currency usd] [--webhook-url URL] [--event-destination-url URL] [--meters JSON]
     STRIPE_API_KEY=sk_... python -m usage_meter.admin stripe check [--webhook-url URL]
 
 `make admin ARGS="..."` runs it with the project's virtualenv. Output is one JSON object per line
@@ -529,6 +529,11 @@ def _stripe_account_parsers(actions: "argparse._SubParsersAction[argparse.Argume
     )
     setup.add_argument("--price-amount", type=int, metavar="CENTS", help="also a monthly price")
     setup.add_argument("--currency", help="the price's currency (default usd)")
+    setup.add_argument(
+        "--event-destination-url",
+        help="the stack's StripeEventDestinationUrl: registers an event destination (thin) for "
+        "Stripe's asynchronous meter event errors if none has that URL",
+    )
     check = actions.add_parser(
         "check",
         help="verify the meters, the webhook endpoint and the event destinations; exits 1 on "
@@ -570,7 +575,13 @@ def _stripe_account(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     failed = False
     try:
         if args.action == "setup":
-            lines = stripe_setup.setup(account, meters, price=price, webhook_url=args.webhook_url)
+            lines = stripe_setup.setup(
+                account,
+                meters,
+                price=price,
+                webhook_url=args.webhook_url,
+                event_destination_url=args.event_destination_url,
+            )
         else:
             lines = stripe_setup.check(account, meters, webhook_url=args.webhook_url)
         for line in lines:

@@ -111,21 +111,40 @@ class StripeAccount:
         created = self._client.v1.webhook_endpoints.create(params=params)  # type: ignore[arg-type]
         return _endpoint(created), str(created.secret)
 
+    def create_event_destination(
+        self, url: str, events: Sequence[str]
+    ) -> tuple[EventDestination, str]:
+        params: dict[str, Any] = {
+            "name": "usage-meter",
+            "description": WEBHOOK_DESCRIPTION,
+            "type": "webhook_endpoint",
+            "event_payload": "thin",
+            "enabled_events": list(events),
+            "webhook_endpoint": {"url": url},
+            "include": ["webhook_endpoint.signing_secret", "webhook_endpoint.url"],
+        }
+        created = self._client.v2.core.event_destinations.create(params=params)  # type: ignore[arg-type]
+        return _destination(created), str(_get(created, "webhook_endpoint", "signing_secret"))
+
     def event_destinations(self) -> list[EventDestination] | None:
         try:
-            pages = self._client.v2.core.event_destinations.list()
-            return [
-                EventDestination(
-                    id=destination.id,
-                    status=destination.status,
-                    enabled_events=tuple(destination.enabled_events or ()),
-                )
-                for destination in pages.auto_paging_iter()
-            ]
+            pages = self._client.v2.core.event_destinations.list(
+                params={"include": ["webhook_endpoint.url"]}
+            )
+            return [_destination(destination) for destination in pages.auto_paging_iter()]
         except stripe.StripeError as error:
             if error.http_status == 404:  # this API does not serve the v2 route
                 return None
             raise
+
+
+def _destination(destination: Any) -> EventDestination:
+    return EventDestination(
+        id=destination.id,
+        status=destination.status,
+        enabled_events=tuple(destination.enabled_events or ()),
+        url=_get(destination, "webhook_endpoint", "url"),
+    )
 
 
 def _get(obj: Any, *path: str) -> Any:

@@ -93,6 +93,7 @@ class EventDestination:
     id: str
     status: str
     enabled_events: tuple[str, ...]
+    url: str | None = None  # a webhook destination's URL
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,12 @@ class Account(Protocol):
     def create_webhook_endpoint(
         self, url: str, events: Sequence[str]
     ) -> tuple[WebhookEndpoint, str]: ...
+
+    def create_event_destination(
+        self, url: str, events: Sequence[str]
+    ) -> tuple[EventDestination, str]:
+        """A webhook destination with thin payloads; the destination and its signing secret."""
+        ...
 
     def event_destinations(self) -> list[EventDestination] | None:
         """None when the account's API does not serve event destinations (v2)."""
@@ -186,9 +193,11 @@ def setup(
     *,
     price: PriceSpec | None = None,
     webhook_url: str | None = None,
+    event_destination_url: str | None = None,
 ) -> Iterator[Line]:
-    """Create what is missing; one line per meter, one for the webhook endpoint (with a URL),
-    then a total. Existing objects are never changed: a misconfigured one is reported."""
+    """Create what is missing; one line per meter, one for the webhook endpoint and one for
+    the event destination (each with a URL), then a total. Existing objects are never
+    changed: a misconfigured one is reported."""
     existing = account.meters()
     meters = dict.fromkeys(("exists", "created", "misconfigured"), 0)
     prices = dict.fromkeys(("created", "exists", "skipped"), 0)
@@ -204,6 +213,10 @@ def setup(
     if webhook_url is not None:
         line = _setup_webhook(account, webhook_url)
         total["webhook_endpoint"] = line["webhook_endpoint"]
+        yield line
+    if event_destination_url is not None:
+        line = _setup_destination(account, event_destination_url)
+        total["event_destination"] = line["event_destination"]
         yield line
     yield total
 
@@ -270,6 +283,38 @@ def _setup_webhook(account: Account, url: str) -> Line:
         "id": same[0].id,
         "url": url,
         "problems": [message for _, message in _endpoint_problems(same[0])],
+    }
+
+
+def _setup_destination(account: Account, url: str) -> Line:
+    found = account.event_destinations()
+    if found is None:
+        return {
+            "event_destination": "unavailable",
+            "url": url,
+            "message": "this API does not serve event destinations: create one in Workbench",
+        }
+    same = [d for d in found if d.url == url]
+    if not same:
+        destination, secret = account.create_event_destination(url, METER_ERROR_EVENTS)
+        return {
+            "event_destination": "created",
+            "id": destination.id,
+            "url": url,
+            "enabled_events": list(destination.enabled_events),
+            "secret": secret,
+        }
+    missing = [e for e in METER_ERROR_EVENTS if e not in same[0].enabled_events]
+    if same[0].status == "enabled" and not missing:
+        return {"event_destination": "exists", "id": same[0].id, "url": url}
+    problems = [f"does not receive {event}" for event in missing]
+    if same[0].status != "enabled":
+        problems.append(f"is {same[0].status}")
+    return {
+        "event_destination": "misconfigured",
+        "id": same[0].id,
+        "url": url,
+        "problems": problems,
     }
 
 
