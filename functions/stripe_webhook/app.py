@@ -8,6 +8,8 @@ raw body):
 import base64
 import json
 import time
+from collections.abc import Callable
+from functools import lru_cache
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -29,18 +31,19 @@ from usage_meter.store.dynamodb import DynamoStore
 settings = Settings.from_env()
 store = DynamoStore(settings.table_name, retention_days=settings.retention_days)
 secrets = Secrets(settings)
-_readers: dict[str, StripeSubscriptions] = {}
 EVENTS_PATH = "/v1/stripe/events"
 
 
 def _reader() -> StripeSubscriptions:
-    key = secrets.stripe_api_key()
-    if key not in _readers:  # one client per key: a rotated key gets a new one
-        _readers.clear()
-        _readers[key] = StripeSubscriptions(
-            key, api_base=settings.stripe_api_base, timeout_seconds=settings.stripe_timeout_seconds
-        )
-    return _readers[key]
+    """The Stripe client for the current key (re-read from Secrets Manager every max_age)."""
+    return _reader_for(secrets.stripe_api_key())
+
+
+@lru_cache(maxsize=1)  # one client per key: warm runs reuse it until a rotation
+def _reader_for(api_key: str) -> StripeSubscriptions:
+    return StripeSubscriptions(
+        api_key, api_base=settings.stripe_api_base, timeout_seconds=settings.stripe_timeout_seconds
+    )
 
 
 def _answer(status: int, body: dict) -> dict:
@@ -51,15 +54,16 @@ def _answer(status: int, body: dict) -> dict:
     }
 
 
-def _verified(payload: bytes, signature: str | None) -> object:
+def _verified[T](parse: Callable[[list[str]], T]) -> T:
+    """`parse` with the signing secrets; once more with them fetched again if it refuses: the
+    secret may have been rolled since this container fetched it."""
     try:
-        return verify_webhook(payload, signature, secrets.stripe_webhook_secrets())
+        return parse(secrets.stripe_webhook_secrets())
     except InvalidSignature:
-        # The secret may have been rolled since this container fetched it.
         refreshed = secrets.refreshed_stripe_webhook_secrets()
         if refreshed is None:
             raise
-        return verify_webhook(payload, signature, refreshed)
+        return parse(refreshed)
 
 
 def _refused(error: InvalidSignature) -> dict:
@@ -71,15 +75,9 @@ def _refused(error: InvalidSignature) -> dict:
 def _notification(payload: bytes, signature: str | None) -> dict:
     reader = _reader()
     try:
-        notification = reader.notification(payload, signature, secrets.stripe_webhook_secrets())
+        notification = _verified(lambda known: reader.notification(payload, signature, known))
     except InvalidSignature as error:
-        refreshed = secrets.refreshed_stripe_webhook_secrets()
-        if refreshed is None:
-            return _refused(error)
-        try:
-            notification = reader.notification(payload, signature, refreshed)
-        except InvalidSignature as again:
-            return _refused(again)
+        return _refused(error)
     if notification.type not in ERROR_REPORT_EVENTS:
         return _answer(200, {"received": True, "handled": False})
     now = int(time.time())
@@ -104,18 +102,19 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     if event.get("rawPath") == EVENTS_PATH:
         return _notification(payload, headers.get("stripe-signature"))
     try:
-        stripe_event = _verified(payload, headers.get("stripe-signature"))
+        signature = headers.get("stripe-signature")
+        stripe_event = _verified(lambda known: verify_webhook(payload, signature, known))
     except InvalidSignature as error:
         return _refused(error)
-    event_id, event_type = stripe_event["id"], stripe_event["type"]  # type: ignore[index]
+    event_id, event_type = stripe_event["id"], stripe_event["type"]
     if event_type not in SUBSCRIPTION_EVENTS:
         return _answer(200, {"received": True, "handled": False})
     now = int(time.time())
-    subscription_id = stripe_event["data"]["object"]["id"]  # type: ignore[index]
+    subscription_id = stripe_event["data"]["object"]["id"]
     outcome = handle_subscription_event(
         event_id, subscription_id, reader=_reader(), store=store, now=now
     )
-    lag = now - int(stripe_event["created"])  # type: ignore[index]
+    lag = now - int(stripe_event["created"])
     metrics.add_metric(name="WebhookLagSeconds", unit=MetricUnit.Seconds, value=max(lag, 0))
     logger.info(
         "subscription event",

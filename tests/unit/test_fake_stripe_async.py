@@ -5,14 +5,11 @@ behind them, and meter event summaries."""
 from __future__ import annotations
 
 import datetime
-import http.server
 import json
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from devtools.fake_stripe import (
     FakeStripe,
     RejectedMeterEvent,
 )
+from tests.receiver import Receiver as LoopbackReceiver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3600
@@ -50,56 +48,18 @@ class Clock:
         return self.now
 
 
-class Receiver:
-    """A loopback event destination that records each request and answers scripted statuses."""
+class Receiver(LoopbackReceiver):
+    """A loopback event destination."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[bytes, dict[str, str]]] = []
-        self.statuses: deque[int] = deque()  # answered in order; 200 once empty
-        self._lock = threading.Condition()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver._lock:
-                    receiver.requests.append((body, dict(self.headers)))
-                    status = receiver.statuses.popleft() if receiver.statuses else 200
-                    receiver._lock.notify_all()
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/stripe/event-notifications"
-
-    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
-        with self._lock:
-            return self._lock.wait_for(lambda: len(self.requests) >= count, timeout)
+        super().__init__("/stripe/event-notifications")
 
     def notifications(self, client: stripe.StripeClient, secret: str) -> list[Any]:
         """Every request received, verified and parsed as an event-destination handler would."""
-        with self._lock:
-            received = list(self.requests)
         return [
             client.parse_event_notification(body, headers["Stripe-Signature"], secret)
-            for body, headers in received
+            for body, headers in self.received()
         ]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 @pytest.fixture

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import http.server
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +19,7 @@ import requests
 import stripe
 
 from devtools.fake_stripe import API_VERSION, FakeStripe, next_period_end
+from tests.receiver import Receiver as LoopbackReceiver
 
 DAY = 24 * 3600
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,56 +44,18 @@ class Clock:
         return self.now
 
 
-class Receiver:
-    """A loopback webhook endpoint that records each request and answers scripted statuses."""
+class Receiver(LoopbackReceiver):
+    """A loopback webhook endpoint."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[bytes, dict[str, str]]] = []
-        self.statuses: deque[int] = deque()  # answered in order; 200 once empty
-        self._lock = threading.Condition()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver._lock:
-                    receiver.requests.append((body, dict(self.headers)))
-                    status = receiver.statuses.popleft() if receiver.statuses else 200
-                    receiver._lock.notify_all()
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/stripe/webhooks"
-
-    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
-        with self._lock:
-            return self._lock.wait_for(lambda: len(self.requests) >= count, timeout)
+        super().__init__("/stripe/webhooks")
 
     def events(self, secret: str) -> list[Any]:
         """Every request received, verified with `secret` exactly as a handler would."""
-        with self._lock:
-            received = list(self.requests)
         return [
             stripe.Webhook.construct_event(body, headers["Stripe-Signature"], secret)
-            for body, headers in received
+            for body, headers in self.received()
         ]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 @pytest.fixture

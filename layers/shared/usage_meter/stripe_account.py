@@ -9,6 +9,7 @@ from typing import Any
 
 import stripe
 
+from usage_meter.billing.stripe_client import stripe_client
 from usage_meter.logic.stripe_setup import (
     CUSTOMER_KEY,
     CUSTOMER_MAPPING_TYPE,
@@ -33,12 +34,7 @@ class StripeAccount:
     def __init__(
         self, api_key: str, *, api_base: str | None = None, timeout_seconds: float = 20.0
     ) -> None:
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else {},
-            max_network_retries=2,
-            http_client=stripe.RequestsClient(timeout=timeout_seconds),
-        )
+        self._client = stripe_client(api_key, api_base=api_base, timeout_seconds=timeout_seconds)
 
     def meters(self) -> list[Meter]:
         pages = self._client.v1.billing.meters.list(params={"limit": _PAGE})

@@ -13,6 +13,7 @@ from usage_meter.billing import (
     SendOutcome,
     TransientBillingError,
 )
+from usage_meter.billing.stripe_client import stripe_client
 from usage_meter.models.domain import MeterEventRequest
 
 # Stripe's answer to a repeated identifier; it means the event was delivered before.
@@ -50,11 +51,11 @@ class StripeMeterBilling:
         max_network_retries: int = 2,
         max_requests_per_second: float | None = None,
     ) -> None:
-        self._client = stripe.StripeClient(
+        self._client = stripe_client(
             api_key,
-            base_addresses={"api": api_base, "meter_events": api_base} if api_base else {},
+            api_base=api_base,
+            timeout_seconds=timeout_seconds,
             max_network_retries=max_network_retries,
-            http_client=stripe.RequestsClient(timeout=timeout_seconds),
         )
         test_mode = "_test_" in api_key
         self._limiter = _RateLimiter(

@@ -10,6 +10,7 @@ from typing import Any
 
 import stripe
 
+from usage_meter.billing.stripe_client import stripe_client
 from usage_meter.logic.rejections import Rejection
 from usage_meter.models.domain import ItemPeriods, SubscriptionRead
 
@@ -69,12 +70,7 @@ class StripeSubscriptions:
     def __init__(
         self, api_key: str, *, api_base: str | None = None, timeout_seconds: float = 20.0
     ) -> None:
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else {},
-            max_network_retries=2,
-            http_client=stripe.RequestsClient(timeout=timeout_seconds),
-        )
+        self._client = stripe_client(api_key, api_base=api_base, timeout_seconds=timeout_seconds)
         self._meters: dict[str, str] = {}  # meter id → event_name
 
     def notification(self, payload: bytes, signature: str | None, secrets: Sequence[str]) -> Any:

@@ -2,14 +2,12 @@
 
 from typing import Any
 
-import stripe
+from usage_meter.billing.stripe_client import stripe_client
 
 
 class StripeSummaries:
     def __init__(self, api_key: str, *, api_base: str | None = None) -> None:
-        self._client = stripe.StripeClient(
-            api_key, base_addresses={"api": api_base} if api_base else {}, max_network_retries=2
-        )
+        self._client = stripe_client(api_key, api_base=api_base)
         self._meters: dict[str, str] | None = None
 
     def meter_id(self, event_name: str) -> str | None:
