@@ -9,6 +9,7 @@ PY313 ?= $(shell p=$$(pyenv prefix 3.13 2>/dev/null || pyenv prefix 3.13.0 2>/de
 VENV := .venv
 PY := $(VENV)/bin/python
 CHECKOV_VENV := .venv-checkov
+MUTATE_VENV := .venv-mutate
 export SAM_CLI_TELEMETRY ?= 0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST_ARCH := $(shell [ "$$(uname -m)" = aarch64 ] && echo arm64 || echo x86_64)
@@ -18,7 +19,7 @@ PIP_PROGRESS := awk '/^Collecting /{n++; printf "  %3d  %s\n", n, $$2; fflush()}
   /^Installing collected packages/{printf "  unpacking %d packages ...\n", NF-3; fflush()} \
   /^Successfully installed/{print "  done"; fflush()}'
 
-.PHONY: help setup dev invoke demo test test-fast build validate lint openapi campaign admin smoke bench clean .java .chromium
+.PHONY: help setup dev invoke demo test test-fast build validate lint openapi campaign admin smoke bench mutate soak clean .java .chromium
 
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -79,6 +80,10 @@ test: setup ## the whole suite: unit, integration (DynamoDB Local), infrastructu
 test-fast: setup ## unit tests only
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# Each run: a new random order, and the clock real or forced before an hour or year boundary.
+soak: setup ## the suite RUNS times (20) in random orders on cycling clocks: make soak RUNS=3 PATHS=tests/unit
+	PYTHONPATH=layers/shared:. $(PY) -m devtools.soak --runs $(or $(RUNS),20) $(or $(PATHS),tests) $(ARGS)
+
 build: setup ## sam build for this machine's architecture, no Docker
 	sam build --parameter-overrides Architecture=$(HOST_ARCH)
 
@@ -106,6 +111,19 @@ bench: setup ## issue 9's figures (bc33e96 vs now) and cold starts (issue 13, sa
 	PYTHONPATH=layers/shared:. $(PY) -m benchmarks.compare $(ARGS)
 	PYTHONPATH=layers/shared:. $(PY) -m benchmarks.coldstart $(ARGS)
 	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# mutmut 3.8 needs click>=8.4.2, SAM CLI pins click==8.1.8: mutmut gets a virtualenv of its own.
+$(MUTATE_VENV)/.installed: requirements-mutate.txt layers/shared/requirements.txt
+	@test -n "$(PY313)" || { echo "python3.13 is required (pyenv install 3.13)"; exit 1; }
+	@echo "Installing mutmut and the mutation run's test tools into $(MUTATE_VENV) (once; about a minute):"
+	@test -x $(MUTATE_VENV)/bin/python || $(PY313) -m venv $(MUTATE_VENV)
+	@set -o pipefail; $(MUTATE_VENV)/bin/python -m pip install --progress-bar off \
+	  -r requirements-mutate.txt | $(PIP_PROGRESS)
+	@touch $@
+
+# ARGS=--full forgets earlier results; ARGS=--report republishes the last run; ARGS="--jobs 4".
+mutate: $(MUTATE_VENV)/.installed ## mutation testing of logic/, store/, billing/, api.py: score into mutation/ and the README
+	PYTHONPATH=. $(MUTATE_VENV)/bin/python -m devtools.mutation $(ARGS)
 
 clean: ## remove build output and local data
 	rm -rf .aws-sam .local .pytest_cache

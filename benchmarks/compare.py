@@ -7,7 +7,8 @@ redesign (BASELINE), unpacked with `git archive` into .local/bench-baseline/; wi
 history that column is skipped with a message.
 
 Prints the tables as Markdown and, unless --no-readme, rewrites the README between the
-`bench:start` / `bench:end` markers (and nothing else).
+`bench:start` / `bench:end` markers (and nothing else). Exits 1 when a figure breaks its bound
+(`check`): counts against their targets, times only as ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -280,6 +281,56 @@ def tables(results: dict[str, dict[str, Any] | None], quick: bool) -> str:
     return "\n".join(lines)
 
 
+# -- bounds ------------------------------------------------------------------------------------
+
+# What `make bench` holds each published figure to: a broken bound fails the run, after the
+# tables are printed and published, so the regression is on record. Units, calls and sums are
+# counted, not timed: they are held to their targets. Times are held only as ratios of two
+# figures measured side by side in the same run, with room for a shared 2-core machine, where
+# a p99 of a few hundred requests moves by half from one run to the next.
+SINGLE_WRITE_UNITS = 4.05  # 4 by construction, plus an index write per counter re-entering
+FLUSH_VS_RECORD = 5  # the flush covers the backlog at least 5 times faster than recording it
+HOT_RATIO = 3.0  # p99 of writers on one pair ÷ p99 of writers spread over customers (target)
+WRITE_UNITS_VS_OLD = 0.75  # record + flush write units, now ÷ before (published: 0.44 to 0.56)
+DRAIN_VS_OLD = 10  # events the flush covers per second, now ÷ before (published: about 70)
+
+
+def check(new: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """The bounds this tree's figures (from derive) break, beside the old design's when
+    given; empty when all hold."""
+    bounds = [
+        (f"write units, single-event request ≤ {SINGLE_WRITE_UNITS}",
+         new["single"] <= SINGLE_WRITE_UNITS),
+        ("write units, batches of 100 ≤ 2.5", new["batch"] <= TARGETS["batch"]),
+        ("write units, flush ≤ 0.1", new["flush"] <= TARGETS["flush"]),
+        ("Stripe calls = pairs", new["drain_stripe_calls"] == new["drain_pairs"]),
+        ("units billed = recorded", new["drain_stripe_units"] == new["drain_units"]),
+        ("a second flush: 0 Stripe calls", new["drain_second_flush_calls"] == 0),
+        ("the drain's flush runs without errors", not new["drain_errors"]),
+        (f"flush run ≤ 1/{FLUSH_VS_RECORD} of recording the same backlog",
+         new["drain_flush_seconds"] * FLUSH_VS_RECORD <= new["drain_record_seconds"]),
+    ]  # fmt: skip
+    for engine in ("local", "emulated"):
+        bounds += [
+            (f"{engine}: no 5xx, hot or spread",
+             new[f"{engine}_hot_errors_5xx"] == new[f"{engine}_spread_errors_5xx"] == 0),
+            (f"{engine}: p99 hot ÷ p99 spread < {HOT_RATIO}", new[f"{engine}_ratio"] < HOT_RATIO),
+            (f"{engine}: the hot pair's units billed = stored",
+             new[f"{engine}_hot_billed_units"] == new[f"{engine}_hot_stored_units"]),
+            (f"{engine}: one Stripe call per counter item of the hot pair",
+             new[f"{engine}_hot_flush_stripe_calls"] == new[f"{engine}_hot_counter_items"]),
+        ]  # fmt: skip
+    if old is not None:
+        bounds += [
+            (f"write units, record + flush, now ≤ {WRITE_UNITS_VS_OLD} of before",
+             new["total_single"] <= WRITE_UNITS_VS_OLD * old["total_single"]
+             and new["total_batch"] <= WRITE_UNITS_VS_OLD * old["total_batch"]),
+            (f"drain: events covered per second, now ≥ {DRAIN_VS_OLD} times before",
+             new["drain_events_per_second"] >= DRAIN_VS_OLD * old["drain_events_per_second"]),
+        ]  # fmt: skip
+    return [name for name, held in bounds if not held]
+
+
 def machine_note() -> str:
     cores = os.cpu_count()
     return (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} Linux, {cores} cores, "
@@ -312,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"old design ({args.baseline}):", file=sys.stderr)
             results["old"] = run_design(old, engine.endpoint_url, args.quick)
         print("new design (this tree):", file=sys.stderr)
-        results["new"] = run_design(ROOT, engine.endpoint_url, args.quick)
+        results["new"] = new = run_design(ROOT, engine.endpoint_url, args.quick)
     out = ROOT / ".local" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
@@ -321,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_readme and not args.quick:
         publish(text)
     print(f"benchmarks took {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return 0
+    before = results["old"]
+    broken = check(derive(new), derive(before) if before is not None else None)
+    for bound in broken:
+        print(f"bound broken: {bound}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, listens
 from devtools.service import Service
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ _running: set[DynamoDBLocal] = set()
 
 class DynamoDBLocalError(RuntimeError):
     """DynamoDB Local could not be found, started or reached."""
+
+
+class _PortTaken(DynamoDBLocalError):
+    """Another process bound the engine's port between our pick and the engine's bind."""
 
 
 def find_jar(root: Path | None = None) -> Path:
@@ -86,12 +91,6 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return int(probe.getsockname()[1])
-
-
 if sys.platform == "linux":
     _PR_SET_PDEATHSIG = 1
     # Resolved in the parent: dlopen after fork() in a threaded process can deadlock.
@@ -107,9 +106,11 @@ if sys.platform == "linux":
 class DynamoDBLocal(Service):
     """One DynamoDB Local engine in a child Java process.
 
-    port 0 picks a free port once, so a stop()/start() keeps the same endpoint_url. data_dir None
-    keeps tables in memory; otherwise they live in <data_dir>/shared-local-instance.db across
-    runs. -sharedDb makes every region and access key see the same tables.
+    port 0 picks a free port once, so a stop()/start() keeps the same endpoint_url, unless another
+    process took it meanwhile (then, as when one takes it while the engine starts, another is
+    picked). data_dir None keeps tables in memory; otherwise they live in
+    <data_dir>/shared-local-instance.db across runs. -sharedDb makes every region and access key
+    see the same tables.
 
     On Linux the engine dies with the thread that started it (PR_SET_PDEATHSIG): start it from a
     thread that lives as long as you need it (the main thread, for pytest and the CLI).
@@ -125,7 +126,7 @@ class DynamoDBLocal(Service):
         java_opts: tuple[str, ...] = DEFAULT_JAVA_OPTS,
     ) -> None:
         self._auto_port = port == 0
-        self.port = port or _free_port()
+        self.port = port or free_port("")
         # Absolute: the engine runs in another working directory.
         self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
         # DynamoDB Local has no bind-address option (it listens on all interfaces: checked with
@@ -179,16 +180,26 @@ class DynamoDBLocal(Service):
         if not _port_is_free(self.port):
             if not self._auto_port:
                 raise DynamoDBLocalError(f"port {self.port} is already in use")
-            self.port = _free_port()
+            self.port = free_port("")
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._spawn()
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        attempts = 1
+        while True:
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+                return self
+            except _PortTaken:
+                self.stop()
+                # The engine binds the port we name, later: with port 0, one another process
+                # took meanwhile is picked again.
+                if not self._auto_port or attempts == BIND_ATTEMPTS:
+                    raise
+                attempts += 1
+                self.port = free_port("")
+            except BaseException:
+                self.stop()
+                raise
 
     def _spawn(self) -> None:
         fd, name = tempfile.mkstemp(prefix="dynamodb-local-", suffix=".log")
@@ -217,17 +228,22 @@ class DynamoDBLocal(Service):
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
+                log = self._log_tail()
+                if address_in_use(log):
+                    raise _PortTaken(f"port {self.port} is already in use:\n{log}")
                 raise DynamoDBLocalError(
                     f"DynamoDB Local exited with code {self._process.returncode} while starting:\n"
-                    f"{self._log_tail()}"
+                    f"{log}"
                 )
             try:
                 probe.list_tables(Limit=1)
             except (BotoCoreError, ClientError):
                 pass
             else:
-                # Only our engine counts, not another process answering on the same port.
-                if self._process.poll() is None:
+                # Only our engine counts, not another process answering on the same port
+                # (where /proc can't tell who listens, that ours is still alive).
+                ours = listens(self._process.pid, self.port)
+                if self._process.poll() is None and ours is not False:
                     return
             if time.monotonic() > deadline:
                 raise DynamoDBLocalError(

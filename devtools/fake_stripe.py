@@ -1,8 +1,9 @@
 """A loopback fake of the parts of Stripe the usage meter talks to, for the real ``stripe`` SDK.
 
 Meter events: ``POST /v1/billing/meter_events`` the way Stripe serves it where the service
-depends on it: API-key check, parameter validation, identifier dedupe, Idempotency-Key replay,
-one concurrent call per (customer, event_name), and injected faults (5xx, 429, delays, lost
+depends on it: API-key check, parameter validation, identifier dedupe and Idempotency-Key
+replay (each forgotten after 24 hours of the fake's clock, the least Stripe promises), one
+concurrent call per (customer, event_name), and injected faults (5xx, 429, delays, lost
 responses, permanent rejections) so tests can prove exactly-once delivery.
 
 Billing periods: products, prices, meters, customers, test clocks and subscriptions (API
@@ -99,6 +100,11 @@ MAX_IDENTIFIER_LENGTH = 100
 MAX_VALUE_DIGITS = 15
 MAX_PAST_SECONDS = 35 * 24 * 3600
 MAX_FUTURE_SECONDS = 5 * 60
+# Stripe keeps a saved idempotent answer for 24 hours, and an identifier unique for "a rolling
+# period of at least 24 hours": the fake keeps both for exactly that long (its clock), the
+# least Stripe promises, so tests see the worst case.
+IDEMPOTENCY_KEY_TTL = 24 * 3600
+IDENTIFIER_WINDOW = 24 * 3600
 RATE_LIMIT_MESSAGE = (
     "Request rate limit exceeded. You can learn more about rate limits here "
     "https://stripe.com/docs/rate-limits."
@@ -197,6 +203,7 @@ class _Response:
 class _StoredResponse:
     params_hash: str
     response: _Response
+    saved_at: float  # the fake's clock
 
 
 def _error(
@@ -211,7 +218,9 @@ def _error(
 ) -> _Response:
     error: dict[str, Any] = {"type": type_, "message": message}
     if code is not None:
+        # "every Error object links to this list in its doc_url attribute" (Stripe's error codes)
         error["code"] = code
+        error["doc_url"] = f"https://stripe.com/docs/error-codes/{code.replace('_', '-')}"
     if param is not None:
         error["param"] = param
     return _Response(status, {"error": error}, dict(headers or {}), storable=storable)
@@ -998,7 +1007,10 @@ class FakeStripe(Service):
         ]
         # Everything below is guarded by self._lock.
         self._stopping = False
-        self._events: dict[str, MeterEvent] = {}  # insertion order = acceptance order
+        # (event, the fake's clock at acceptance), in acceptance order
+        self._events: list[tuple[MeterEvent, float]] = []
+        # identifier -> the fake's clock when an event took it (accepted or rejected later)
+        self._identifiers: dict[str, float] = {}
         self._faults: deque[_Fault] = deque()
         self._rejected_customers: dict[str, str] = {}
         self._expired_api_keys: set[str] = set()
@@ -1026,8 +1038,7 @@ class FakeStripe(Service):
         self._deliveries: list[dict[str, Any]] = []
         self._generation = 0  # bumped by reset(): attempts under way then are not recorded
         # Asynchronous validation, v2 events and event destinations.
-        self._accepted_at: dict[str, float] = {}  # identifier -> the fake's clock at acceptance
-        self._rejected_async: dict[str, RejectedMeterEvent] = {}
+        self._rejected_async: list[RejectedMeterEvent] = []
         self._pending_errors: list[_PendingError] = []
         self._errors_due: float | None = None  # time.monotonic() of the next error report
         self._error_reports: list[dict[str, Any]] = []
@@ -1091,7 +1102,7 @@ class FakeStripe(Service):
 
     def accepted(self) -> list[MeterEvent]:
         with self._lock:
-            return list(self._events.values())
+            return [event for event, _ in self._events]
 
     def totals(self) -> dict[tuple[str, str], int]:
         totals: dict[tuple[str, str], int] = {}
@@ -1153,6 +1164,7 @@ class FakeStripe(Service):
         webhooks, event destinations, error reports."""
         with self._lock:
             self._events.clear()
+            self._identifiers.clear()
             self._faults.clear()
             self._rejected_customers.clear()
             self._expired_api_keys.clear()
@@ -1173,7 +1185,6 @@ class FakeStripe(Service):
             self._queue.clear()
             self._deliveries.clear()
             self._deliveries_held = False
-            self._accepted_at.clear()
             self._rejected_async.clear()
             self._pending_errors.clear()
             self._errors_due = None
@@ -1200,7 +1211,7 @@ class FakeStripe(Service):
     def rejected_async(self) -> list[RejectedMeterEvent]:
         """The meter events answered 200 and then rejected by asynchronous validation."""
         with self._lock:
-            return list(self._rejected_async.values())
+            return list(self._rejected_async)
 
     @property
     def error_reports(self) -> list[dict[str, Any]]:
@@ -1375,7 +1386,7 @@ class FakeStripe(Service):
         totals: dict[tuple[str, str, int | None, int | None], int] = {}
         with self._lock:
             self._catch_up_wall_locked()
-            for event in self._events.values():
+            for event, _ in self._events:
                 key = self._billing_period_locked(event)
                 totals[key] = totals.get(key, 0) + event.value
         return totals
@@ -1544,7 +1555,9 @@ class FakeStripe(Service):
                 with self._lock:
                     self._idempotency_in_flight.discard(idempotency_key)
                     if response is not None and response.storable:
-                        self._idempotent[idempotency_key] = _StoredResponse(params_hash, response)
+                        self._idempotent[idempotency_key] = _StoredResponse(
+                            params_hash, response, self._now()
+                        )
         if fault is not None and fault.kind == "lost_response":
             log.info("meter_event dropping the response (injected lost_response)")
             return replace(response, drop=True)
@@ -1584,16 +1597,21 @@ class FakeStripe(Service):
         """Replay, refuse, or mark `key` in flight (returns None: go ahead and execute)."""
         with self._lock:
             stored = self._idempotent.get(key)
+            if stored is not None and self._now() - stored.saved_at >= IDEMPOTENCY_KEY_TTL:
+                del self._idempotent[key]  # pruned: the key makes a new request
+                stored = None
             if stored is None:
                 if key in self._idempotency_in_flight:
-                    # Stripe answers 409 here; the SDK retries 409 with the same key.
+                    # Stripe answers 409 idempotency_key_in_use here; the SDK retries 409 with
+                    # the same key.
                     return _error(
                         409,
                         "There is currently another in-progress request using this "
-                        f"Stripe-Idempotency-Key (that probably means you submitted twice, "
+                        "Idempotent Key (that probably means you submitted twice, "
                         f"and the other request is still going through): {key}. "
                         "Please try again later.",
                         type_="idempotency_error",
+                        code="idempotency_key_in_use",
                     )
                 self._idempotency_in_flight.add(key)
                 return None
@@ -1668,16 +1686,18 @@ class FakeStripe(Service):
         with self._lock:
             rejection = self._rejected_customers.get(event.customer)
             # An identifier stays taken when its event fails validation later: a replay of
-            # the usage needs an identifier of its own.
-            duplicate = event.identifier in self._events or event.identifier in self._rejected_async
+            # the usage needs an identifier of its own. It is free again after the window.
+            now = self._now()
+            taken = self._identifiers.get(event.identifier)
+            duplicate = taken is not None and now - taken < IDENTIFIER_WINDOW
             if rejection is None and not duplicate:
+                self._identifiers[event.identifier] = now
                 if self.async_validation:
                     event, failure = self._validate_async_locked(event, payload)
                 if failure is None:
-                    self._events[event.identifier] = event
-                    self._accepted_at[event.identifier] = self._now()
+                    self._events.append((event, now))
                 else:
-                    self._rejected_async[event.identifier] = failure.rejected
+                    self._rejected_async.append(failure.rejected)
                     self._pending_errors.append(failure)
                     if self._errors_due is None:
                         self._errors_due = time.monotonic() + self._error_report_delay
@@ -1899,7 +1919,9 @@ class FakeStripe(Service):
                 with self._lock:
                     self._idempotency_in_flight.discard(idempotency_key)
                     if response is not None and response.storable:
-                        self._idempotent[idempotency_key] = _StoredResponse(params_hash, response)
+                        self._idempotent[idempotency_key] = _StoredResponse(
+                            params_hash, response, self._now()
+                        )
         return response
 
     def _api_execute(
@@ -2424,6 +2446,7 @@ class FakeStripe(Service):
             "billing_cycle_anchor": anchor,
             "billing_cycle_anchor_config": None,
             "billing_mode": {"type": "flexible", "flexible": None, "updated_at": now},
+            "billing_schedules": [],
             "billing_thresholds": None,
             "cancel_at": None,
             "cancel_at_period_end": False,
@@ -2564,12 +2587,12 @@ class FakeStripe(Service):
             "current_period_start": periods[-1][0],
             "discounts": [],
             "metadata": {},
-            "plan": self._plan(price),
             "price": copy.deepcopy(price),
-            "quantity": quantity,
             "subscription": subscription["id"],
             "tax_rates": [],
         }
+        if quantity is not None:  # a metered item has none, and Stripe leaves the field out
+            item["quantity"] = quantity
         _apply_metadata(item["metadata"], metadata or {})
         items = subscription["items"]
         items["data"].append(item)
@@ -2577,32 +2600,6 @@ class FakeStripe(Service):
         self._item_states[item["id"]] = _ItemState(
             subscription["id"], periods, [(start, self._event_name_locked(price))]
         )
-
-    @staticmethod
-    def _plan(price: dict[str, Any]) -> dict[str, Any]:
-        """The legacy Plan view of a recurring price that Stripe still puts on items."""
-        recurring = price["recurring"]
-        return {
-            "id": price["id"],
-            "object": "plan",
-            "active": price["active"],
-            "amount": price["unit_amount"],
-            "amount_decimal": price["unit_amount_decimal"],
-            "billing_scheme": price["billing_scheme"],
-            "created": price["created"],
-            "currency": price["currency"],
-            "interval": recurring["interval"],
-            "interval_count": recurring["interval_count"],
-            "livemode": False,
-            "metadata": dict(price["metadata"]),
-            "meter": recurring["meter"],
-            "nickname": price["nickname"],
-            "product": price["product"],
-            "tiers_mode": None,
-            "transform_usage": None,
-            "trial_period_days": None,
-            "usage_type": recurring["usage_type"],
-        }
 
     def _subscription_locked(self, subscription_id: str) -> dict[str, Any]:
         if subscription_id not in self._subscriptions:
@@ -2664,7 +2661,7 @@ class FakeStripe(Service):
                 if "price" in entry:
                     price = self._subscribable_price_locked(entry["price"], f"{param}[price]")
                     reset = reset or self._interval(price) != self._interval(prices[item_id])
-                default = items[item_id]["quantity"]
+                default = items[item_id].get("quantity")
                 quantity = self._quantity(price, entry, param, default=default)
                 prices[item_id] = price
                 changes.append((item_id, price, quantity, entry.get("metadata")))
@@ -2681,9 +2678,12 @@ class FakeStripe(Service):
         for item_id, price, quantity, metadata in changes:
             item = items[item_id]
             if price["id"] != item["price"]["id"]:
-                item["price"], item["plan"] = copy.deepcopy(price), self._plan(price)
+                item["price"] = copy.deepcopy(price)
                 self._item_states[item_id].meters.append((now, self._event_name_locked(price)))
-            item["quantity"] = quantity
+            if quantity is None:
+                item.pop("quantity", None)
+            else:
+                item["quantity"] = quantity
             _apply_metadata(item["metadata"], metadata or {})
         for price, quantity, metadata in additions:
             self._add_item_locked(subscription, price, quantity, metadata, now, now)
@@ -2992,11 +2992,11 @@ class FakeStripe(Service):
         event_name = meter["event_name"]
         events = [
             event
-            for event in self._events.values()
+            for event, accepted_at in self._events
             if event.customer == customer
             and event.event_name == event_name
             and start <= event.timestamp < end
-            and self._accepted_at.get(event.identifier, now) + self._summary_delay <= now
+            and accepted_at + self._summary_delay <= now
         ]
         offsets = [
             (at, delta)

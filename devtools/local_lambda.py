@@ -17,6 +17,7 @@ is stopped by stop(), and on Linux dies with the thread that started it (PR_SET_
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib.util
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, listening_ports
 from devtools.sam_app import FunctionSpec
 
 if sys.platform == "linux":
@@ -87,6 +89,10 @@ class RuntimeUnavailable(InvocationError):
     """The runtime process is gone or did not answer."""
 
 
+class _PortTaken(RuntimeUnavailable):
+    """Another process bound one of the emulator's ports before it did."""
+
+
 @dataclass(frozen=True)
 class Invocation:
     result: Any  # the handler's return value, as JSON
@@ -109,12 +115,6 @@ def rie_binary(architecture: str | None = None) -> Path:
     if not binary.is_file():
         raise RuntimeUnavailable(f"no Runtime Interface Emulator at {binary}")
     return binary
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def code_paths(spec: FunctionSpec, build_dir: Path) -> tuple[Path, list[Path]]:
@@ -192,6 +192,7 @@ class LambdaRuntime:
         self.log = log
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._output: collections.deque[str] = collections.deque(maxlen=20)  # for start errors
 
     @property
     def pid(self) -> int | None:
@@ -216,10 +217,23 @@ class LambdaRuntime:
     def start(self, timeout: float = 10) -> None:
         if importlib.util.find_spec("awslambdaric") is None:
             raise RuntimeUnavailable(f"{sys.executable} has no awslambdaric; run `make setup`")
-        self.port = free_loopback_port()
+        # The emulator binds the ports we name, later: one another process took meanwhile is
+        # picked again.
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                self._start(timeout)
+                return
+            except _PortTaken:
+                self.stop()
+                if attempt == BIND_ATTEMPTS:
+                    raise
+
+    def _start(self, timeout: float) -> None:
+        self.port, runtime_api_port = free_port(), free_port()
+        self._output.clear()
         preexec = functools.partial(_die_with, os.getpid()) if sys.platform == "linux" else None
         self._process = subprocess.Popen(
-            self.command(self.port, free_loopback_port()),
+            self.command(self.port, runtime_api_port),
             env=self.environment,
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
@@ -229,30 +243,48 @@ class LambdaRuntime:
             preexec_fn=preexec,
         )
         assert self._process.stdout is not None
-        threading.Thread(
+        relay = threading.Thread(
             target=self._relay, args=(self._process.stdout,), daemon=True, name="lambda-log"
-        ).start()
-        self._wait_listening(timeout)
+        )
+        relay.start()
+        self._wait_listening(timeout, {self.port, runtime_api_port}, relay)
 
     def _relay(self, stream: IO[bytes]) -> None:
         for raw in stream:
-            self.log(self.spec.logical_id, raw.decode("utf-8", errors="replace").rstrip())
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            self._output.append(line)
+            self.log(self.spec.logical_id, line)
 
-    def _wait_listening(self, timeout: float) -> None:
+    def _wait_listening(self, timeout: float, ports: set[int], relay: threading.Thread) -> None:
+        """Until the emulator itself listens on both ports: an answer on them could come from
+        another process that took one (where /proc can't tell, until the invoke port answers)."""
         deadline = time.monotonic() + timeout
         while True:
             if self._process is None or self._process.poll() is not None:
+                relay.join(timeout=1)  # its last words say why
+                output = "\n".join(self._output)
+                if address_in_use(output):
+                    raise _PortTaken(f"the emulator for {self.spec.logical_id}: {output}")
                 raise RuntimeUnavailable(f"the emulator for {self.spec.logical_id} exited")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            if self._listening(ports):
                 return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeUnavailable(
-                        f"the emulator for {self.spec.logical_id} did not listen within {timeout} s"
-                    ) from None
-                time.sleep(0.02)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeUnavailable(
+                    f"the emulator for {self.spec.logical_id} did not listen within {timeout} s"
+                )
+            time.sleep(0.02)
+
+    def _listening(self, ports: set[int]) -> bool:
+        assert self._process is not None
+        listened = listening_ports(self._process.pid)
+        if listened is not None:
+            return ports <= listened
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
 
     def invoke(self, event: Any) -> Invocation:
         if self._process is None or self._process.poll() is not None:

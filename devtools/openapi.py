@@ -278,7 +278,7 @@ def build() -> Schema:
                 ),
                 request=None,
                 success={HTTPStatus.OK: ("the current period's usage", UsageOut)},
-                errors=(401, 403, 422),
+                errors=(401, 403, 422, 503),
                 parameters=[customer_path],
             )
         },

@@ -6,6 +6,9 @@
 Both table fixtures yield a devtools.template.TableHandle(name, endpoint_url, client).
 - sam_host_build (session): `sam build` for this machine's architecture in a temporary
   directory, built once for every test that runs the built functions.
+- forced_clock (session, autouse): the run's clock, real or forced near an hour or month
+  boundary by USAGE_METER_TEST_CLOCK (tests/clock.py); quiet_clock and real_clock set it aside
+  for one test.
 """
 
 from __future__ import annotations
@@ -13,20 +16,86 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+import time_machine
 from moto import mock_aws
 
 from devtools.dynamodb_local import DynamoDBLocal
 from devtools.local_stack import sam_build
 from devtools.template import TableHandle, create_usage_table, load_template
+from tests.clock import (
+    CLOCK_VARIABLE,
+    ClockSettingError,
+    forced_instant,
+    on_real_clock,
+    quiet_instant,
+)
 
 REGION = "us-east-1"
+# Seconds for a test whose setup may run the session's `sam build` and start a local stack.
+SAM_BUILD_TIMEOUT = 600
+_FORCED = pytest.StashKey[datetime | None]()  # the forced clock's start, None for the real one
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read once, before collection: a mistyped setting stops the run instead of being ignored.
+    setting = os.environ.get(CLOCK_VARIABLE, "")
+    try:
+        config.stash[_FORCED] = forced_instant(setting, datetime.now(UTC))
+    except ClockSettingError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The first test (in random order) that needs the built functions pays for the build.
+    for item in items:
+        built = "sam_host_build" in getattr(item, "fixturenames", ())
+        if built and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SAM_BUILD_TIMEOUT))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    instant = config.stash.get(_FORCED, None)
+    if instant is None:
+        return f"clock: real ({CLOCK_VARIABLE} forces one)"
+    return f"clock: {os.environ[CLOCK_VARIABLE]}, from {instant:%Y-%m-%dT%H:%M:%SZ}, ticking"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forced_clock(request: pytest.FixtureRequest) -> Iterator[datetime | None]:
+    """The whole run on the forced clock, if one is set: this process only (threads included),
+    starting at its instant when the first test starts and ticking with real time."""
+    instant = request.config.stash.get(_FORCED, None)
+    if instant is None:
+        yield None
+        return
+    with time_machine.travel(instant, tick=True):
+        yield instant
+
+
+@pytest.fixture
+def quiet_clock() -> Iterator[datetime]:
+    """For a test whose code reads the clock itself (no `now` to give it) and records, then reads
+    a period: mid-month and mid-hour (tests/clock.py), ticking, whatever the run's clock."""
+    instant = datetime.fromtimestamp(quiet_instant(time.time()), UTC)
+    with time_machine.travel(instant, tick=True):
+        yield instant
+
+
+@pytest.fixture
+def real_clock() -> Iterator[None]:
+    """For a test that compares times with another process (which keeps the real clock): the
+    real clock, even when the run's is forced."""
+    with on_real_clock():
+        yield
 
 
 @functools.cache

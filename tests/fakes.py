@@ -47,6 +47,8 @@ class InMemoryStore:
     def put_events(self, events: Sequence[UsageEvent]) -> Mapping[str, str]:
         with self.lock:
             existing = self.fingerprints([e.id for e in events])
+            if any(existing.get(e.id, e.fingerprint) != e.fingerprint for e in events):
+                return existing  # the request answers 409 and stores nothing
             for event in events:
                 if event.id in existing:
                     continue
@@ -225,6 +227,7 @@ class InMemoryStore:
                 counter.sending is None
                 and counter.unsent == 0
                 and stored.quantity == counter.quantity
+                and stored.reported == counter.reported
                 and stored.sending is None
                 and stored.seq == counter.seq
                 and stored.quarantined == counter.quarantined

@@ -24,6 +24,7 @@ import requests
 from devtools.local_stack import LocalStack, StackOptions
 from devtools.portal import DemoPortal, seed_demo_usage
 from tests.browser.widget import RECORD_EVENTS
+from tests.clock import on_real_clock, wait_out_month_end
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -47,16 +48,33 @@ def _missing() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    # pytest-randomly shuffles modules across packages: each return to this one would start its
+    # stack and Chromium (package-scoped) again. Its modules stay together, in their shuffled
+    # order, where the first of them landed.
+    ours = [item for item in items if here in item.path.parents]
+    if ours:
+        first = items.index(ours[0])
+        others = [item for item in items if here not in item.path.parents]
+        items[:] = others[:first] + ours + others[first:]
     # `make test` installs both; a bare pytest on a machine without them skips these tests, but
     # CI runs them whatever happens (there a missing browser fails them).
     reason = _missing()
     if reason is None or os.environ.get("CI"):
         return
-    here = Path(__file__).parent
     for item in items:
         uses_browser = {"browser", "page"} & set(getattr(item, "fixturenames", ()))
         if here in item.path.parents and uses_browser:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _on_the_functions_clock() -> Iterator[None]:
+    # The functions run in Lambda emulators and the page in Chromium, on the real clock; the
+    # portals and stand-ins in this process must agree with them, whatever clock the run forces
+    # on this process (tests/clock.py).
+    with on_real_clock():
+        yield
 
 
 @dataclass
@@ -168,6 +186,8 @@ def usage(browser_stack: LocalStack, portals: Portals, server: requests.Session)
     demo portal's customer gets make dev's sample usage. The API's answer for each customer."""
     api = browser_stack.api_url
     assert api is not None
+    # The pages read this month's usage, on the functions' clock, for the package's few minutes
+    wait_out_month_end(600)
     _record(api, server, 0)
     # Records the demo's first half and flushes (that flush reports step 0 too), then the rest.
     assert seed_demo_usage(api, str(browser_stack.server_key), portals.allowed.customer)

@@ -14,6 +14,7 @@ import requests
 from devtools.local_lambda import child_pids
 from devtools.local_stack import LOCAL_PORTAL_TOKEN_SECRET, LocalStack, StackOptions
 from devtools.sam_app import function_for_event
+from tests.clock import wait_out_month_end
 from usage_meter.logic.auth import create_api_key, issue_portal_token
 from usage_meter.models.auth import Scope
 from usage_meter.store.dynamodb import DynamoStore
@@ -105,6 +106,8 @@ def test_a_batch_is_accepted_with_results_in_request_order(api):
 
 
 def test_a_flush_reports_to_the_stand_in_and_the_usage_shows_it(api, stack):
+    # The functions stamp and read on their own clock: recorded and read in one month
+    wait_out_month_end(60)
     # Given usage recorded over HTTP, one event alone and two in a batch
     customer = "cus_LocalFlush"
     one = event(customer, 5, "flush-1")

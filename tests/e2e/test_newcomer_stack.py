@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 import threading
-import time
+from collections import Counter as Tally
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import requests
 
 from devtools.local_lambda import readable_log_line
 from devtools.local_stack import LocalStack, StackOptions
+from tests.clock import wait_out_month_end
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +31,22 @@ class Logs:
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
+        self.invocations: Tally[str] = Tally()  # by function: invocations whose output is in
         self._lock = threading.Lock()
 
     def __call__(self, function: str, line: str) -> None:
         text = readable_log_line(line)
-        if text is not None:
-            with self._lock:
+        with self._lock:
+            if text is not None:
                 self.lines.append((function, text))
+            # The emulator's last line for an invocation, after all the runtime printed for it
+            if line.startswith("REPORT RequestId:"):
+                self.invocations[function] += 1
+
+    def invoked(self, *functions: str) -> int:
+        """How many invocations of functions have all their output in."""
+        with self._lock:
+            return sum(self.invocations[f] for f in functions)
 
     def since(self, mark: int) -> str:
         with self._lock:
@@ -138,6 +149,7 @@ def test_make_admin_local_without_a_running_stack_says_so_in_one_line(tmp_path):
 
 def test_make_smoke_records_flushes_and_reads_on_the_local_stack(newcomer_stack, tmp_path):
     url, key = newcomer_stack.api_url, newcomer_stack.server_key
+    wait_out_month_end(120)  # the smoke reads back, in the month, the unit it recorded
     done = make(tmp_path, "smoke", f"URL={url}", f"KEY={key}")
     assert done.returncode == 0, done.stdout + done.stderr
     steps = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
@@ -185,7 +197,7 @@ def test_refused_requests_log_no_traceback_and_no_warning(newcomer_stack, logs):
     api, key = newcomer_stack.api_url, newcomer_stack.server_key
     auth = {"Authorization": f"Bearer {key}"}
     event = {"stripe_customer_id": "cus_Newcomer2", "meter": "ai_messages", "quantity": 1}
-    mark = len(logs)
+    mark, invoked = len(logs), logs.invoked("RecordFunction", "ReadFunction")
     answers = [
         requests.post(
             f"{api}/v1/events", json=event, headers={"Authorization": "Bearer umk_x"}, timeout=30
@@ -206,7 +218,8 @@ def test_refused_requests_log_no_traceback_and_no_warning(newcomer_stack, logs):
     ]
     assert [a.status_code for a in answers] == [401, 401, 202, 409, 422]
     assert "instance of" not in answers[4].text
-    time.sleep(1)  # the runtimes' output arrives beside the answers
+    # The runtimes' output arrives beside the answers: until the five functions' last lines
+    wait_until(lambda: logs.invoked("RecordFunction", "ReadFunction") >= invoked + 5)
     printed = logs.since(mark)
     assert 'unauthenticated  reason="malformed key"' in printed  # the logs were captured
     for noise in ("Traceback", "[ERROR]", "UserWarning", "No application metrics"):

@@ -50,6 +50,8 @@ def period_of(timestamp: int) -> tuple[int, int]:
     return int(start.timestamp()), int(end.timestamp())
 
 
+# In-process handlers, which read the clock: recorded this month, read back in the same month.
+@pytest.mark.usefixtures("quiet_clock")
 def test_a_thousand_events_are_billed_with_one_stripe_call_per_pair_and_read_back(handlers, stripe):
     rng = random.Random(20261126)
     accepted: Counter[tuple[str, str]] = Counter()

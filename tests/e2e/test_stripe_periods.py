@@ -14,6 +14,7 @@ import stripe
 
 from devtools.fake_stripe import FakeStripe
 from devtools.local_stack import LOCAL_WEBHOOK_SECRET, LocalStack
+from tests.clock import wait_out_month_end
 
 WEBHOOK = "/v1/stripe/webhook"
 
@@ -229,6 +230,7 @@ def test_usage_stripe_rejects_after_accepting_is_quarantined_then_billed_once_wh
     stack, api, fake, client
 ):
     customer = "cus_E2eGhost1"  # Stripe has no such customer yet
+    wait_out_month_end(60)  # on calendar months: recorded and read in one
     metered_price(client, fake, "ai_messages")  # the meter exists
     fake.async_validation = True
     try:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.faults.harness import CLEAN, Fault, Pause
 from tests.faults.world import World, in_thread, run
+from tests.polling import wait_until
 from usage_meter.logic.flush import IDENTIFIER_WINDOW, FlushPolicy
 from usage_meter.logic.periods import calendar_month
 from usage_meter.logic.quarantine import REPLAY_GUARD, ReplayRefused, replay
@@ -189,7 +190,7 @@ def test_a_timeout_is_billed_once(world):
     world.stripe.inject("delay", seconds=0.6)
     summary = world.flush(stripe_timeout=0.3)
     # Stripe finishes the request the client gave up on: let it land in this test, not the next
-    time.sleep(0.6)
+    wait_until(lambda: world.stripe.accepted())
     world.settle()
     assert summary is not None and world.invariant() == CLEAN and seqs(world) == [1]
 
@@ -253,7 +254,7 @@ def test_a_timestamp_in_the_future_is_transient_not_quarantined(world):
 def test_an_event_recorded_5_minutes_ahead_with_stripe_3s_behind_is_billed_not_quarantined(
     world, when
 ):
-    month = calendar_month(datetime.now(UTC))
+    month = calendar_month(datetime.fromtimestamp(world.now(), UTC))
     start = (
         month.end.timestamp() - 120
         if when.startswith("two")
@@ -495,9 +496,13 @@ def test_a_decision_unconfirmed_for_a_day_waits_for_an_operator(world):
     assert counter.quarantine_reason.startswith("unconfirmed_decision")
     world.settle()
     assert world.invariant() == CLEAN and world.stripe.calls == 3
-    # and once the operator has checked Stripe and replays, it is billed once
+    # and it is held: a replay without the operator saying they checked Stripe is refused
+    assert counter.held is not None
     world.clock.advance(REPLAY_GUARD)
-    replay(world.store, counter.id, now=world.now())
+    with pytest.raises(ReplayRefused, match="Stripe may already have"):
+        replay(world.store, counter.id, now=world.now())
+    # and once the operator has checked Stripe (it has nothing) and replays fresh, billed once
+    replay(world.store, counter.id, now=world.now(), fresh=True)
     world.settle()
     assert world.invariant() == CLEAN and seqs(world) == [2]
 

@@ -13,6 +13,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from devtools.fake_stripe import FakeStripe
+from tests.clock import quiet_instant
 from tests.faults.harness import (
     Crash,
     Fault,
@@ -88,7 +89,9 @@ class World:
         self.table = table_name
         self.endpoint_url = endpoint_url
         self.stripe = stripe
-        self.clock = clock or Clock()
+        # Mid-month, mid-hour: a scenario's usage (a few hours back) and its runs (a day at
+        # most) stay in one month, and a test's ten events in one hour, whatever the wall clock.
+        self.clock = clock or Clock(quiet_instant(time.time()))
         self.stripe_clock = stripe_clock or StripeClock()
         self.stripe_clock.clock, self.stripe_clock.skew = self.clock, 0.0
         self.ledger = Ledger()

@@ -89,6 +89,7 @@ def test_built_api_functions_do_not_import_stripe(host_build, function):
     assert "stripe" not in out and "usage_meter" in out
 
 
+@pytest.mark.timeout(660)  # a whole `sam build`, given 600 s by sam_build() itself
 def test_the_default_arm64_build_carries_arm64_binaries(tmp_path):
     build = sam_build(tmp_path, "arm64")
     extensions = (build / "SharedLayer" / "python" / "pydantic_core").glob("_pydantic_core*.so")

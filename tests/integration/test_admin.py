@@ -4,6 +4,8 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.fakes import FakeBilling
 from usage_meter import admin
 from usage_meter.billing import PermanentBillingError
@@ -126,6 +128,8 @@ def test_replaying_an_unknown_counter_fails_clearly(local_table, capsys):
     ]
 
 
+# The replay restamps into the period current on its own clock: this test's `now` must be in it.
+@pytest.mark.usefixtures("quiet_clock")
 def test_units_too_old_for_stripe_are_replayed_only_with_restamp_into_the_current_period(
     local_table, capsys
 ):

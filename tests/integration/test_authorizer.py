@@ -149,8 +149,9 @@ def test_the_flush_never_logs_the_stripe_key(local_table, monkeypatch, log_lines
             == 202
         )
         # When the flush fails on it
-        with pytest.raises(Exception, match="error"):
-            load_handler("flush").lambda_handler({}, LambdaContext())
+        flush = load_handler("flush")
+        with pytest.raises(flush.FlushIncomplete, match="Stripe refused the API key"):
+            flush.lambda_handler({}, LambdaContext())
     # Then the key is nowhere in the logs
     logs = log_lines.getvalue() + "".join(capsys.readouterr())
     assert "Stripe refused the API key" in logs and stripe_key not in logs

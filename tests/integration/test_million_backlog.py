@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.clock import real_time
 from usage_meter.billing import SendOutcome
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.logic.flush import Flusher
@@ -112,7 +113,7 @@ def customers(count: int) -> list[str]:
 
 def record_backlog(store: DynamoStore, pairs: int, events_per_pair: int, quantity: int) -> float:
     """Record through the real path; seconds taken."""
-    now = datetime.now(UTC)
+    now = datetime.fromtimestamp(real_time(), UTC)
     started = time.monotonic()
     for customer in customers(pairs):
         for start in range(0, events_per_pair, CHUNK):
@@ -129,7 +130,9 @@ def drain(store: DynamoStore, client: Any, stripe: FakeStripeProcess) -> Drained
     client.meta.events.register(
         "after-call.dynamodb", lambda model, **_: calls.update([model.name])
     )
-    flusher = Flusher(store, billing, time_left=lambda: 900)
+    # The fake Stripe's process keeps the real clock, even when this one's is forced
+    # (tests/clock.py): the flush stamps its events with that clock, as usage is recorded.
+    flusher = Flusher(store, billing, time_left=lambda: 900, clock=real_time)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     try:
@@ -165,7 +168,7 @@ def one_page_footprint(local_table, stripe: FakeStripeProcess) -> int:
         [EventIn(stripe_customer_id=f"cus_Page{i:03d}", meter="n", quantity=1) for i in range(100)],
         meters={"n"},
         store=store,
-        now=datetime.now(UTC),
+        now=datetime.fromtimestamp(real_time(), UTC),
         batch=True,
     )
     small = drain(store, local_table.client, stripe)
@@ -216,11 +219,13 @@ def check_one_run_drains_everything(
     assert run.peak_bytes < 2 * page_peak, (run.peak_bytes, page_peak)
 
 
+@pytest.mark.timeout(600)  # about a minute alone; far more on a loaded machine
 def test_a_million_unit_backlog_over_1000_pairs_drains_in_one_flush_run(local_table, stripe):
     check_one_run_drains_everything(local_table, stripe, events_per_pair=10, quantity=100)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 12-16 minutes of recording
 @pytest.mark.skipif(
     os.environ.get("USAGE_METER_MILLION_EVENTS") != "1",
     reason="records 1,000,000 events (12-16 minutes); set USAGE_METER_MILLION_EVENTS=1",

@@ -5,6 +5,7 @@ period), and an injected difference is reported as a mismatch with a non-zero ex
 import json
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -22,9 +23,25 @@ from usage_meter.models.input import EventIn
 from usage_meter.store.dynamodb import DynamoStore
 
 GRACE = 72 * 3600
-NOW = int(time.time())
-RENEWAL = NOW - 3600 - 47  # the last period ended an hour ago, at an arbitrary second
-PREVIOUS = RENEWAL - 30 * 86_400
+
+
+@dataclass(frozen=True)
+class Times:
+    now: int
+
+    @property
+    def renewal(self) -> int:  # the last period ended an hour ago, at an arbitrary second
+        return self.now - 3600 - 47
+
+    @property
+    def previous(self) -> int:
+        return self.renewal - 30 * 86_400
+
+
+@pytest.fixture
+def times() -> Times:
+    # Read when the test runs, not when the module is imported, minutes earlier.
+    return Times(int(time.time()))
 
 
 @pytest.fixture
@@ -42,27 +59,32 @@ def store(local_table):
     return DynamoStore(local_table.name, client=local_table.client, rng=random.Random(5))
 
 
-def billed(store: DynamoStore, fake: FakeStripe) -> None:
+def billed(store: DynamoStore, fake: FakeStripe, times: Times) -> None:
     """Two customers: one on a subscription that renewed an hour ago, one on calendar months;
     usage on both sides of the renewal, flushed to the stand-in."""
+    now, renewal = times.now, times.renewal
     item = ItemPeriods(
-        item="si_R", meter="", anchor=PREVIOUS, interval="month", periods=((RENEWAL, NOW + 86_400),)
+        item="si_R",
+        meter="",
+        anchor=times.previous,
+        interval="month",
+        periods=((renewal, now + 86_400),),
     )
     read = SubscriptionRead(
         id="sub_R",
         customer="cus_Recon1",
         status="active",
         read_at=time.time(),
-        start_date=PREVIOUS - 86_400,
+        start_date=times.previous - 86_400,
         items=(item,),
     )
-    sync(read, store, NOW)
+    sync(read, store, now)
     events = [
-        ("cus_Recon1", "ai_messages", RENEWAL - 600, 5),
-        ("cus_Recon1", "ai_messages", RENEWAL - 7, 11),  # in the renewal's partial minute
-        ("cus_Recon1", "api_calls", RENEWAL - 100, 3),
-        ("cus_Recon1", "ai_messages", RENEWAL + 30, 17),  # the current period: not checked
-        ("cus_Recon2", "ai_messages", NOW - 60, 2),
+        ("cus_Recon1", "ai_messages", renewal - 600, 5),
+        ("cus_Recon1", "ai_messages", renewal - 7, 11),  # in the renewal's partial minute
+        ("cus_Recon1", "api_calls", renewal - 100, 3),
+        ("cus_Recon1", "ai_messages", renewal + 30, 17),  # the current period: not checked
+        ("cus_Recon2", "ai_messages", now - 60, 2),
     ]
     requests = [
         EventIn(stripe_customer_id=c, meter=m, quantity=q, timestamp=t) for c, m, t, q in events
@@ -71,7 +93,7 @@ def billed(store: DynamoStore, fake: FakeStripe) -> None:
         requests,
         meters={"ai_messages", "api_calls"},
         store=store,
-        now=datetime.fromtimestamp(NOW, UTC),
+        now=datetime.fromtimestamp(now, UTC),
         batch=True,
         late=LateUsage(grace_seconds=GRACE),
     )
@@ -81,14 +103,14 @@ def billed(store: DynamoStore, fake: FakeStripe) -> None:
     assert summary.errors == [] and summary.sent == 4
 
 
-def test_periods_that_ended_agree_with_stripes_summaries(store, fake):
-    billed(store, fake)
+def test_periods_that_ended_agree_with_stripes_summaries(store, fake, times):
+    billed(store, fake, times)
     checks = list(
         reconcile(
             store,
             StripeSummaries("sk_test_recon", api_base=fake.url),
-            since=NOW - 40 * 86_400,
-            until=NOW - 600,
+            since=times.now - 40 * 86_400,
+            until=times.now - 600,
         )
     )
     # The subscription's ended period, per meter; the current one and the calendar month
@@ -97,18 +119,18 @@ def test_periods_that_ended_agree_with_stripes_summaries(store, fake):
         ("cus_Recon1", "ai_messages", 16, 16, "ok"),
         ("cus_Recon1", "api_calls", 3, 3, "ok"),
     ]
-    assert checks[0].period_end == datetime.fromtimestamp(RENEWAL, UTC).strftime(
+    assert checks[0].period_end == datetime.fromtimestamp(times.renewal, UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ"
     )
 
 
-def test_a_difference_is_one_json_line_and_a_failing_exit(store, fake, monkeypatch, capsys):
-    billed(store, fake)
+def test_a_difference_is_one_json_line_and_a_failing_exit(store, fake, times, monkeypatch, capsys):
+    billed(store, fake, times)
     # Stripe holds 4 units more in the ended period than the service confirmed
-    fake.inject_summary_offset("cus_Recon1", "ai_messages", 4, timestamp=RENEWAL - 120)
+    fake.inject_summary_offset("cus_Recon1", "ai_messages", 4, timestamp=times.renewal - 120)
     monkeypatch.setenv("STRIPE_API_KEY", "sk_test_recon")
     monkeypatch.setenv("STRIPE_API_BASE", fake.url)
-    since = datetime.fromtimestamp(NOW - 40 * 86_400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since = datetime.fromtimestamp(times.now - 40 * 86_400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     code = admin.main(["--table", store._table, "reconcile", "--since", since])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1
@@ -123,5 +145,5 @@ def test_a_difference_is_one_json_line_and_a_failing_exit(store, fake, monkeypat
     }
     assert lines[-1]["periods"] == 2 and lines[-1]["mismatches"] == 1
     # Without the difference, the command agrees and exits 0
-    fake.inject_summary_offset("cus_Recon1", "ai_messages", -4, timestamp=RENEWAL - 120)
+    fake.inject_summary_offset("cus_Recon1", "ai_messages", -4, timestamp=times.renewal - 120)
     assert admin.main(["--table", store._table, "reconcile", "--since", since]) == 0

@@ -60,8 +60,11 @@ def test_an_event_is_delivered_form_encoded_with_its_own_timestamp(fake):
 
 
 def test_a_resend_after_a_crash_is_not_billed_twice(fake):
-    billing(fake).send(REQUEST)
-    assert billing(fake).send(REQUEST) in (SendOutcome.DELIVERED, SendOutcome.ALREADY_DELIVERED)
+    # Given an event delivered, then the run crashed before it confirmed it
+    assert billing(fake).send(REQUEST) == SendOutcome.DELIVERED
+    # When the next run sends the same decision (a new call: a new idempotency key)
+    # Then Stripe's duplicate-identifier answer says it has it, and holds it once
+    assert billing(fake).send(REQUEST) == SendOutcome.ALREADY_DELIVERED
     assert fake.totals() == {("cus_A1", "ai_messages"): 12}
 
 
@@ -84,9 +87,11 @@ def test_stripes_duplicate_identifier_answer_counts_as_delivered(fake):
 
 
 def test_a_lost_response_is_retried_by_the_sdk_and_billed_once(fake):
+    # Given Stripe takes the event but its answer is lost
     fake.inject("lost_response")
-    assert billing(fake).send(REQUEST) in (SendOutcome.DELIVERED, SendOutcome.ALREADY_DELIVERED)
-    assert fake.totals() == {("cus_A1", "ai_messages"): 12}
+    # When the SDK retries under the same idempotency key / Then Stripe replays its saved 200
+    assert billing(fake).send(REQUEST) == SendOutcome.DELIVERED
+    assert fake.calls == 2 and fake.totals() == {("cus_A1", "ai_messages"): 12}
 
 
 def test_a_rate_limit_surfaces_with_retry_after(fake):

@@ -729,6 +729,9 @@ def test_cli_serves_in_the_foreground_and_prints_one_line_per_event() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A runner in a backgrounded shell ignores SIGINT, and children inherit that: give the
+        # fake the default, so Ctrl-C reaches it as it does from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stdout is not None

@@ -702,6 +702,7 @@ def test_meters_filter_by_status_and_an_active_event_name_is_taken(
 # -- the command line -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("real_clock")
 def test_cli_validates_asynchronously_and_notifies_its_destination(receiver: Receiver) -> None:
     process = subprocess.Popen(
         [

@@ -171,10 +171,12 @@ def test_make_dev_refuses_a_taken_port_before_building(monkeypatch, capsys):
 def test_a_free_port_passes_the_early_check():
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert dev.port_taken(port) is None
+    # A port held for the check, bound but not listening: no other process can take it
+    # meanwhile, and the check, which binds as the API server does (SO_REUSEADDR), can.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        assert dev.port_taken(held.getsockname()[1]) is None
 
 
 # -- 6. small inconsistencies -------------------------------------------------------------------
@@ -255,5 +257,7 @@ def test_make_targets_print_no_java_or_chromium_version_once_installed():
 def test_first_installs_say_what_they_install_and_show_progress():
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --quiet -r" not in makefile  # no silent two minutes
-    assert makefile.count("$(PIP_PROGRESS)") == 2
+    # Every pip install into a virtualenv shows its progress: .venv, checkov's and mutmut's
+    installs = makefile.count("pip install --progress-bar off")
+    assert installs == makefile.count("$(PIP_PROGRESS)") >= 2
     assert "(once" in makefile

@@ -28,7 +28,7 @@ STRIPES = {WEBHOOK_ROUTE, EVENTS_ROUTE}
 ROUTES = {
     ("/v1/events", "post"): {"200", "202", "400", "401", "403", "409", "413", "422", "503"},
     ("/v1/events/batch", "post"): {"202", "400", "401", "403", "409", "413", "422", "503"},
-    (USAGE_ROUTE, "get"): {"200", "401", "403", "422"},
+    (USAGE_ROUTE, "get"): {"200", "401", "403", "422", "503"},
     ("/v1/portal-tokens", "post"): {"201", "400", "401", "403", "413", "422"},
     (WEBHOOK_ROUTE, "post"): {"200", "400"},
     (EVENTS_ROUTE, "post"): {"200", "400"},

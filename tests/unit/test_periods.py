@@ -8,7 +8,7 @@ from tests.fakes import FakeBilling, FakeClock, InMemoryStore
 from usage_meter.errors import PeriodClosed
 from usage_meter.logic.flush import Flusher
 from usage_meter.logic.periods import is_closed, period_for, schedule_point, scheduled_period
-from usage_meter.logic.quarantine import replay
+from usage_meter.logic.quarantine import ReplayRefused, replay
 from usage_meter.logic.record import LateUsage, record_events
 from usage_meter.logic.subscriptions import merge, sync
 from usage_meter.logic.usage import current_usage
@@ -340,7 +340,7 @@ def test_a_flush_after_the_invoice_finalized_quarantines_instead_of_sending():
     [held] = store.quarantined()
     assert held.quarantine_reason and held.quarantine_reason.startswith("period_closed")
     # The operator bills them in the current period instead.
-    with pytest.raises(Exception, match="restamp"):
+    with pytest.raises(ReplayRefused, match="replay it with restamp"):
         replay(store, held.id, now=at("2026-11-13T15:00:00"))
     replay(store, held.id, now=at("2026-11-13T15:00:00"), restamp=True)
     flush(store, stripe, "2026-11-13T15:05:00")

@@ -190,6 +190,8 @@ class Flusher:
                     decision,
                     "unconfirmed_decision: no answer from Stripe for a day; check the meter's "
                     f"events in Stripe for {counter.identifier(decision)} before replaying",
+                    # Stripe may have it: a replay must not resend it under a new identifier
+                    hold=True,
                 )
                 return
         else:
@@ -201,7 +203,7 @@ class Flusher:
             reason = "timestamp_too_far_in_past: older than Stripe's 35 days"
             if resumed:
                 reason += f"; sent before: check Stripe for {counter.identifier(decision)}"
-            self._quarantine(counter, decision, reason)
+            self._quarantine(counter, decision, reason, hold=resumed)
             return
         if (
             not resumed

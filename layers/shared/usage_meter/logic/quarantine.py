@@ -45,7 +45,7 @@ def replay(
         identifier = counter.identifier(held)
         if restamp or now - held.decided_at > IDENTIFIER_WINDOW:
             raise ReplayRefused(
-                f"Stripe may already have {identifier} (its answer was lost before a refusal) "
+                f"Stripe may already have {identifier} (an answer to it was lost) "
                 "and no longer recognises it: check the meter's events in Stripe, and replay "
                 "with fresh only if it is not there"
             )

@@ -51,6 +51,11 @@ DAY = 86_400
 PAGE = 100  # counters read and worked on at once: BatchGetItem's limit
 _TRANSACT_LIMIT = 100
 _RETRYABLE = {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded"}
+_THROTTLED = {
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
 
 Item = dict[str, Any]
 CounterId = tuple[str, str, str]  # customer, period start, meter
@@ -90,6 +95,13 @@ def _period_shard(key: Item, period_end: int) -> str:
     return f"END#{day}#{_backlog_shard(key).removeprefix('U#')}"
 
 
+def _unavailable_when_throttled(parsed: Mapping[str, Any], **_: Any) -> None:
+    """A request DynamoDB still throttles after botocore's retries is a busy table, like a
+    transaction cancelled by throttling: the caller gets a 503 and retries, not a 500."""
+    if parsed.get("Error", {}).get("Code") in _THROTTLED:
+        raise StoreUnavailable("the usage table is busy; retry the request")
+
+
 def _is_condition_failure(error: ClientError) -> bool:
     return bool(error.response["Error"]["Code"] == "ConditionalCheckFailedException")
 
@@ -115,6 +127,9 @@ class DynamoStore:
         self._db: Any = client or botocore.session.get_session().create_client(
             "dynamodb", config=Config(retries={"mode": "standard", "max_attempts": 6})
         )
+        self._db.meta.events.register(
+            "after-call.dynamodb", _unavailable_when_throttled, unique_id="usage-meter-throttled"
+        )
         self._retention = retention_days * DAY
         self._clock = clock
         self._rng = rng or random.Random()
@@ -133,6 +148,8 @@ class DynamoStore:
         existing: dict[str, str] = {}
         for chunk in _transaction_chunks(events):
             existing.update(self._put_chunk(chunk))
+            if _key_reused(chunk, existing):
+                break  # the request answers 409: it stores no more
         return existing
 
     def _put_chunk(self, events: list[UsageEvent]) -> Mapping[str, str]:
@@ -165,6 +182,10 @@ class DynamoStore:
                     if code == "ConditionalCheckFailed"
                 ]
                 existing.update(self.fingerprints(replayed))
+                if _key_reused(events, existing):
+                    # Another request stored one of these keys with another body since the
+                    # request checked: it answers 409, so the rest of it is not stored either.
+                    return existing
                 events = [e for e in events if e.id not in replayed]
                 continue
             for counter, code in zip(counters, reasons[len(events) :], strict=False):
@@ -537,10 +558,17 @@ class DynamoStore:
         return self._update_if(
             _key_of(counter),
             "REMOVE backlog_pk, backlog_sk",
+            # `reported`: a rejection Stripe reported meanwhile takes units back to be resent
             "quantity = :q AND attribute_not_exists(sending_seq)"
+            " AND (attribute_not_exists(reported) OR reported = :r)"
             " AND (attribute_not_exists(seq) OR seq = :seq)"
             " AND (attribute_not_exists(quarantined) OR quarantined = :qq)",
-            {":q": _n(counter.quantity), ":seq": _n(counter.seq), ":qq": _n(counter.quarantined)},
+            {
+                ":q": _n(counter.quantity),
+                ":r": _n(counter.reported),
+                ":seq": _n(counter.seq),
+                ":qq": _n(counter.quarantined),
+            },
         )
 
     # -- quarantine --------------------------------------------------------------------------
@@ -775,9 +803,14 @@ class DynamoStore:
         return True
 
     def _query(self, **kwargs: Any) -> Iterator[Item]:
-        paginator = self._db.get_paginator("query")
-        for page in paginator.paginate(TableName=self._table, **kwargs):
+        # Paged by hand: botocore's paginator loads its model by listing every service's data
+        # directory, about 10 ms of a read's first request after a cold start (issue 13).
+        while True:
+            page = self._db.query(TableName=self._table, **kwargs)
             yield from page["Items"]
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def _batch_get(self, keys: list[Item], projection: str | None = None) -> Iterable[Item]:
         for start in range(0, len(keys), 100):
@@ -804,6 +837,11 @@ def _counters_of(events: Sequence[UsageEvent]) -> dict[CounterId, tuple[int, Usa
         quantity, _ = counters.get(counter, (0, event))
         counters[counter] = (quantity + event.quantity, event)
     return counters
+
+
+def _key_reused(events: Sequence[UsageEvent], stored: Mapping[str, str]) -> bool:
+    """Whether one of the events' idempotency keys is stored with another body."""
+    return any(e.id in stored and stored[e.id] != e.fingerprint for e in events)
 
 
 def _transaction_chunks(events: Sequence[UsageEvent]) -> Iterator[list[UsageEvent]]:
