@@ -57,9 +57,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compare import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".local" / "coldstart"
-README = ROOT / "README.md"
 START, END = "<!-- coldstart:start -->", "<!-- coldstart:end -->"
 BASELINE = "f5158c8"  # main before the cold-start work (issue 13)
 TARGET = 1.3  # at most 1.3 times the bare handler's, init and first request (issue 13)
@@ -552,17 +553,6 @@ def machine_note(rounds: int) -> str:
             "larger): compare the ratios.")  # fmt: skip
 
 
-def publish(text: str) -> None:
-    readme = README.read_text(encoding="utf-8")
-    if START not in readme or END not in readme:
-        print(f"README has no {START} ... {END} block; not published", file=sys.stderr)
-        return
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
-    print(f"published in {README.relative_to(ROOT)}", file=sys.stderr)
-
-
 # -- where the time goes -----------------------------------------------------------------------
 
 
@@ -661,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"_{machine_note(rounds)}_\n\n{tables(results, rounds, args.quick)}"
     print(text)
     if not args.no_readme and not args.quick:
-        publish(text)
+        publish(text, START, END)
     print(f"cold starts took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     broken = check(results)
     for bound in broken:

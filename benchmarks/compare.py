@@ -338,14 +338,15 @@ def machine_note() -> str:
             "(ratios matter).")  # fmt: skip
 
 
-def publish(text: str) -> None:
+def publish(text: str, start: str = START, end: str = END) -> None:
+    """Put `text` in the README between the `start` and `end` markers (and nothing else)."""
     readme = README.read_text(encoding="utf-8")
-    if START not in readme or END not in readme:
-        print(f"README has no {START} ... {END} block; not published", file=sys.stderr)
+    if start not in readme or end not in readme:
+        print(f"README has no {start} ... {end} block; not published", file=sys.stderr)
         return
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
     print(f"published in {README.relative_to(ROOT)}", file=sys.stderr)
 
 
