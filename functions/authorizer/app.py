@@ -12,11 +12,15 @@ fetches the token secret again (at most every 30 s): the secret may have just be
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # until init_done(), the last line of init: see usage_meter.config
+
 import random
 import time
 from typing import TYPE_CHECKING
 
-from usage_meter.config import Settings, on_snap_start
+from usage_meter.config import Settings, init_done, on_snap_start
 from usage_meter.logic.auth import (
     TOKEN_PREFIX,
     Unauthenticated,
@@ -75,3 +79,6 @@ def _portal_token(authorization: str | None) -> bool:
         return bearer(authorization).startswith(TOKEN_PREFIX)
     except Unauthenticated:
         return False
+
+
+init_done()  # last: the collector runs again, never over what init made

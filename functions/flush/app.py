@@ -1,5 +1,9 @@
 """Scheduled: report the unreported backlog to Stripe Billing Meters."""
 
+import gc
+
+gc.disable()  # until init_done(), the last line of init: see usage_meter.config
+
 import threading
 import time
 from collections import Counter
@@ -18,7 +22,7 @@ from usage_meter.billing import (
     TransientBillingError,
 )
 from usage_meter.billing.stripe_meter import StripeMeterBilling
-from usage_meter.config import Settings
+from usage_meter.config import Settings, init_done
 from usage_meter.logic.flush import Flusher, FlushPolicy
 from usage_meter.models.domain import MeterEventRequest
 from usage_meter.models.output import FlushSummary
@@ -151,3 +155,6 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     if summary.errors:
         raise FlushIncomplete(f"{len(summary.errors)} error(s); first: {summary.errors[0]}")
     return summary.model_dump()
+
+
+init_done()  # last: the collector runs again, never over what init made

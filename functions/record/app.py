@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # until init_done(), the last line of init: see usage_meter.config
+
 import random
 from typing import TYPE_CHECKING
 
 from aws_lambda_powertools.logging import correlation_paths
 
 from usage_meter.api import record_api
-from usage_meter.config import Settings, on_snap_start
+from usage_meter.config import Settings, init_done, on_snap_start
 from usage_meter.logic.record import LateUsage
 from usage_meter.models import build_imported_models
 from usage_meter.observability import logger, metrics
@@ -33,3 +37,6 @@ on_snap_start(before_snapshot=build_imported_models, after_restore=rng.seed)
 @metrics.log_metrics
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     return app.resolve(event, context)
+
+
+init_done()  # last: the collector runs again, never over what init made

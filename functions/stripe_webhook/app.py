@@ -5,6 +5,10 @@ raw body):
   rejected after accepting them; their units go back into the quarantine.
 """
 
+import gc
+
+gc.disable()  # until init_done(), the last line of init: see usage_meter.config
+
 import base64
 import json
 import time
@@ -21,7 +25,7 @@ from usage_meter.billing.stripe_subscriptions import (
     StripeSubscriptions,
     verify_webhook,
 )
-from usage_meter.config import Settings
+from usage_meter.config import Settings, init_done
 from usage_meter.logic.rejections import handle_error_report
 from usage_meter.logic.subscriptions import handle_subscription_event
 from usage_meter.observability import logger, metrics
@@ -127,3 +131,6 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
         },
     )
     return _answer(200, {"received": True, "handled": outcome.handled})
+
+
+init_done()  # last: the collector runs again, never over what init made

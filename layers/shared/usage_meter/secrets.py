@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from usage_meter import aws
 from usage_meter.config import ConfigError, Settings
 from usage_meter.logic.auth import MAX_TOKEN_TTL
 from usage_meter.observability import logger
@@ -59,9 +59,7 @@ class SecretsManagerFetch:
 
     def __call__(self, secret_id: str, stage: str) -> SecretVersion | None:
         if self._client is None:
-            self._client = botocore.session.get_session().create_client(
-                "secretsmanager", config=_CLIENT_CONFIG
-            )
+            self._client = aws.client("secretsmanager", _CLIENT_CONFIG)
         try:
             answer = self._client.get_secret_value(SecretId=secret_id, VersionStage=stage)
         except ClientError as error:
