@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import publish
+from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, listening_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".local" / "coldstart"
@@ -154,12 +155,6 @@ class Sample:
     warm_ms: float
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _post(port: int, event: dict[str, Any], timeout: float = 30) -> Any:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{INVOKE_PATH}",
@@ -170,18 +165,36 @@ def _post(port: int, event: dict[str, Any], timeout: float = 30) -> Any:
         return json.loads(answer.read())
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+class _PortTaken(RuntimeError):
+    """Another process took a port between its pick and the emulator's bind."""
+
+
+def _wait_listening(
+    process: subprocess.Popen[bytes],
+    invoke_port: int,
+    api_port: int,
+    output: Callable[[], str],
+    timeout: float = 10,
+) -> None:
+    """Until the emulator itself listens on both its ports: an answer on one could come from
+    another process that took it (where /proc can't tell, until the invoke port answers)."""
+    ports = {invoke_port, api_port}
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
+            if address_in_use(output()):
+                raise _PortTaken()
             raise RuntimeError("the emulator exited")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        own = listening_ports(process.pid)
+        if own is not None and ports <= own:
             return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the emulator did not listen within {timeout} s") from None
-            time.sleep(0.01)
+        if own is None:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", invoke_port), timeout=0.5).close()
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the emulator did not listen within {timeout} s")
+        time.sleep(0.01)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -220,8 +233,19 @@ def runtime_python() -> Path:
 
 
 def cold_start(runnable: Runnable, rie: Path, log: Path, python: Path) -> Sample:
-    """Start a fresh emulator, invoke it twice (cold, then warm), stop it."""
-    port, api_port = _free_port(), _free_port()
+    """Start a fresh emulator, invoke it twice (cold, then warm), stop it. The emulator binds
+    ports picked here: when another process took one meanwhile, again with new ones."""
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        try:
+            return _cold_start(runnable, rie, log, python)
+        except _PortTaken:
+            if attempt == BIND_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _cold_start(runnable: Runnable, rie: Path, log: Path, python: Path) -> Sample:
+    port, api_port = free_port(), free_port()
     tap = RuntimeApiTap(api_port)
     env_binary = shutil.which("env") or "/usr/bin/env"
     command = [
@@ -233,6 +257,7 @@ def cold_start(runnable: Runnable, rie: Path, log: Path, python: Path) -> Sample
         env_binary, f"AWS_LAMBDA_RUNTIME_API=127.0.0.1:{tap.port}",
         str(python), "-m", "awslambdaric", runnable.handler,
     ]  # fmt: skip
+    logged = log.stat().st_size if log.exists() else 0
     with log.open("ab") as sink:
         process = subprocess.Popen(
             command,
@@ -243,8 +268,14 @@ def cold_start(runnable: Runnable, rie: Path, log: Path, python: Path) -> Sample
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def output() -> str:  # what this emulator wrote
+        with log.open("rb") as source:
+            source.seek(logged)
+            return source.read().decode("utf-8", errors="replace")
+
     try:
-        _wait_listening(port, process)
+        _wait_listening(process, port, api_port, output)
         started = time.perf_counter()
         result = _post(port, runnable.event)
         answered = time.perf_counter()

@@ -101,3 +101,34 @@ def test_a_lambda_emulator_starts_again_when_its_port_is_taken_before_it_binds(
             assert runtime.invoke({"n": 1}).result == {"echo": {"n": 1}}
         finally:
             runtime.stop()
+
+
+def test_a_benchmarked_cold_start_starts_again_when_its_port_is_taken_before_it_binds(
+    tmp_path: Path, monkeypatch
+):
+    # Given the cold-start benchmark's emulator for a function, and a port it picked that
+    # something else listens on by bind time
+    from benchmarks import coldstart
+
+    (tmp_path / "app.py").write_text("def handler(event, context):\n    return {'echo': event}\n")
+    runnable = coldstart.Runnable(
+        name="echo",
+        handler="app.handler",
+        code=tmp_path,
+        environment={"PATH": os.path.dirname(sys.executable), "PYTHONPATH": str(tmp_path)},
+        event={"n": 1},
+        check=lambda answer: answer == {"echo": {"n": 1}},
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        squatted = taken.getsockname()[1]
+        picked = picks(squatted, monkeypatch, coldstart)
+        # When it measures a cold start
+        sample = coldstart.cold_start(
+            runnable, local_lambda.rie_binary(), tmp_path / "emulator.log", Path(sys.executable)
+        )
+    # Then it measured one on other ports, from the function's own answer
+    assert picked[0] == squatted and squatted not in picked[1:]
+    assert len(picked) == 4  # two picks, twice
+    assert 0 < sample.init_ms <= sample.first_ms

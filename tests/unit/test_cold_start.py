@@ -243,3 +243,25 @@ def test_a_read_pages_its_queries_without_loading_a_paginator_model(moto_table, 
     )
     totals = store.period_totals("cus_A", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z~")
     assert [(t.meter, t.quantity, t.reported) for t in totals] == [("m", 4, 2)]
+
+
+@pytest.mark.parametrize("table", [None, "usage"], ids=["init fails", "init succeeds"])
+def test_loading_handlers_in_a_test_process_leaves_its_collector_as_it_was(monkeypatch, table):
+    # devtools.invoke.load_handler imports a handler in the caller's process (the tests, the
+    # local API), where freezing everything would keep every later cycle among those objects.
+    import gc
+
+    from devtools.invoke import load_handler
+    from usage_meter.config import ConfigError
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("METERS", '{"ai_messages": {"included": 10}}')
+    if table is None:
+        monkeypatch.delenv("TABLE_NAME", raising=False)
+        with pytest.raises(ConfigError):
+            load_handler("record")
+    else:
+        monkeypatch.setenv("TABLE_NAME", table)
+        assert load_handler("record").lambda_handler
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0

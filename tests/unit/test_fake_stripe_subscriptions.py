@@ -919,16 +919,16 @@ def test_failed_deliveries_are_retried_with_backoff_and_recorded(
 def test_deliveries_give_up_after_max_attempts_and_record_connection_errors(
     fake: FakeStripe, client: stripe.StripeClient
 ) -> None:
-    # Given an endpoint nobody listens on
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    fake.add_webhook_endpoint(f"http://127.0.0.1:{port}/hooks")
-    fake.add_customer("cus_Q1w2E3r4")
+    # Given an endpoint nobody listens on: its port held, bound but not listening, for the whole
+    # test (connections to it are refused, and no other process can take it meanwhile)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        fake.add_webhook_endpoint(f"http://127.0.0.1:{held.getsockname()[1]}/hooks")
+        fake.add_customer("cus_Q1w2E3r4")
 
-    # When an event is emitted
-    subscribe(client, metered_price(client, fake.add_meter("ai_messages")["id"]).id)
-    assert fake.wait_for_deliveries(5)
+        # When an event is emitted
+        subscribe(client, metered_price(client, fake.add_meter("ai_messages")["id"]).id)
+        assert fake.wait_for_deliveries(5)
 
     # Then there were exactly webhook_max_attempts attempts, each with an error
     deliveries = fake.deliveries
