@@ -111,6 +111,10 @@ RATE_LIMIT_MESSAGE = (
 )
 
 _API_KEY = re.compile(r"(sk|rk)_(test|live)_\S+")
+# The account every key of this fake belongs to, as Stripe's permission errors name it.
+ACCOUNT = "acct_1FakeStripeLocal"
+# Path segments that are namespaces, not resources: /v1/billing/meters is a billing_meter.
+_NAMESPACES = frozenset({"billing", "core", "test_helpers"})
 # Length caps keep int() away from absurd inputs (zero-padded values, garbage timestamps).
 _WHOLE_NUMBER = re.compile(r"-?(\d{1,64})")
 _UNSIGNED_INTEGER = re.compile(r"\d{1,12}")
@@ -228,6 +232,15 @@ def _error(
 
 def _request_id() -> str:
     return "req_" + secrets.token_hex(7)
+
+
+def _permission(method: str, path: str) -> str:
+    """The restricted-key permission a request needs, as Stripe's 403 names it: the resource
+    (its collection, singular, under its namespace), `read` for GET and `write` otherwise."""
+    parts = [part for part in path.split("/")[2:] if part]  # after /v1 or /v2
+    collection = parts[:2] if parts[:1] and parts[0] in _NAMESPACES else parts[:1]
+    resource = "_".join(collection).removesuffix("s")
+    return f"{resource}_{'read' if method == 'GET' else 'write'}"
 
 
 def _mask_key(key: str) -> str:
@@ -1014,6 +1027,7 @@ class FakeStripe(Service):
         self._faults: deque[_Fault] = deque()
         self._rejected_customers: dict[str, str] = {}
         self._expired_api_keys: set[str] = set()
+        self._restricted_api_keys: dict[str, frozenset[str]] = {}  # key -> permissions held
         self._idempotent: dict[str, _StoredResponse] = {}
         self._idempotency_in_flight: set[str] = set()
         self._in_flight: dict[tuple[str, str], int] = {}
@@ -1155,6 +1169,17 @@ class FakeStripe(Service):
         with self._lock:
             self._expired_api_keys.add(api_key)
 
+    def restrict_api_key(self, api_key: str, permissions: Iterable[str]) -> None:
+        """Make `api_key` a restricted key that holds only `permissions`, named as Stripe's 403s
+        name them: `<resource>_<read|write>` (`billing_meter_event_write`, `subscription_read`),
+        write implying read. Any other request with it gets Stripe's 403."""
+        if not api_key.startswith("rk_"):
+            raise ValueError(f"a restricted key starts with rk_, not {api_key[:3]}")
+        held = set(permissions)
+        held |= {p.removesuffix("_write") + "_read" for p in held if p.endswith("_write")}
+        with self._lock:
+            self._restricted_api_keys[api_key] = frozenset(held)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -1168,6 +1193,7 @@ class FakeStripe(Service):
             self._faults.clear()
             self._rejected_customers.clear()
             self._expired_api_keys.clear()
+            self._restricted_api_keys.clear()
             self._idempotent.clear()
             self._calls = 0
             self._max_concurrent_per_pair = 0
@@ -1517,7 +1543,7 @@ class FakeStripe(Service):
     ) -> _Response:
         with self._lock:
             self._calls += 1
-        denied = self._authenticate(authorization, "meter_event")
+        denied = self._authenticate(authorization, "POST", "/v1/billing/meter_events")
         if denied is not None:
             return denied
         api_key = (authorization or "").removeprefix("Bearer ").strip()
@@ -1563,8 +1589,10 @@ class FakeStripe(Service):
             return replace(response, drop=True)
         return response
 
-    def _authenticate(self, authorization: str | None, what: str) -> _Response | None:
-        """Stripe's 401s for a missing, malformed or expired secret key (None: let it in)."""
+    def _authenticate(self, authorization: str | None, method: str, path: str) -> _Response | None:
+        """Stripe's 401s for a missing, malformed or expired secret key, and its 403 for a
+        restricted key without the permission (None: let it in)."""
+        what = f"{method} {path}"
         api_key = (authorization or "").removeprefix("Bearer ").strip()
         if not authorization:
             log.info("%s 401 no API key", what)
@@ -1582,6 +1610,18 @@ class FakeStripe(Service):
             log.info("%s 401 expired API key %s", what, _mask_key(api_key))
             return _error(
                 401, f"Expired API Key provided: {_mask_key(api_key)}", code="api_key_expired"
+            )
+        with self._lock:
+            held = self._restricted_api_keys.get(api_key)
+        needed = _permission(method, path)
+        if held is not None and needed not in held:
+            log.info("%s 403 restricted key %s lacks %s", what, _mask_key(api_key), needed)
+            # Stripe's words (stripe/stripe-node#2246): no code; the SDK raises PermissionError.
+            return _error(
+                403,
+                f"The provided key '{_mask_key(api_key)}' does not have the required "
+                f"permissions for this endpoint on account '{ACCOUNT}'. Having the "
+                f"'rak_{needed}' permission would allow this request to continue.",
             )
         return None
 
@@ -1876,7 +1916,7 @@ class FakeStripe(Service):
         # Stripe ignores Idempotency-Key on GET and DELETE.
         idempotency_key = headers.get("Idempotency-Key") if method == "POST" else None
         what = f"{method} {path}"
-        response = self._authenticate(headers.get("Authorization"), what)
+        response = self._authenticate(headers.get("Authorization"), method, path)
         if response is None:
             response = self._api_idempotent(
                 handler, ids, what, query, body, request_id, idempotency_key

@@ -14,10 +14,10 @@ from typing import Any
 
 import botocore.session
 import pytest
-import stripe
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
+from devtools.fake_stripe import FakeStripe
 from devtools.invoke import LambdaContext, http_event, load_handler
 from usage_meter.api import read_api, record_api
 from usage_meter.errors import StoreUnavailable
@@ -271,43 +271,31 @@ def test_keys_still_unprocessed_after_ten_reads_are_a_503_not_a_partial_answer(
 
 # -- a restricted Stripe key stops the flush -----------------------------------------------------
 
-# Stripe's 403 for a restricted key that lacks a permission (its format, as in
-# stripe/stripe-node#2246): type invalid_request_error, which the SDK raises as PermissionError.
-PERMISSION_DENIED = {
-    "error": {
-        "message": "The provided key 'rk_test_*****************************6789' does not have "
-        "the required permissions for this endpoint on account 'acct_1Guards'. Having the "
-        "'rak_billing_meter_event_write' permission would allow this request to continue.",
-        "type": "invalid_request_error",
-    }
-}
-
 
 def test_a_restricted_stripe_key_stops_the_flush_run_with_nothing_confirmed(
     local_table, monkeypatch, store
 ):
-    # Given three (customer, meter) pairs to report, a restricted key without the meter-event
-    # permission, and Stripe answering its 403 to every call
+    # Given three (customer, meter) pairs to report, and a restricted key without the
+    # meter-event permission, which the fake Stripe refuses with Stripe's 403
     record(store, CUSTOMERS[:3])
+    fake = FakeStripe().start()
+    key = "rk_test_51GuardsRestrictedKey0123456789"
+    fake.restrict_api_key(key, {"billing_meter_read", "subscription_read"})
     monkeypatch.setenv("METERS", '{"m": {}}')
-    monkeypatch.setenv("STRIPE_API_KEY", "rk_test_51GuardsRestrictedKey0123456789")
-    monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
-    sent: list[str] = []
-
-    def stripe_answers_403(self, method, url, headers, post_data=None):
-        sent.append(url)
-        headers = {"Content-Type": "application/json", "Request-Id": "req_guards"}
-        return json.dumps(PERMISSION_DENIED).encode(), 403, headers
-
-    monkeypatch.setattr(stripe.RequestsClient, "request", stripe_answers_403)
+    monkeypatch.setenv("STRIPE_API_KEY", key)
+    monkeypatch.setenv("STRIPE_API_BASE", fake.url)
     flush = load_handler("flush")
     # one pair at a time, so "no further sends" is exact
     monkeypatch.setattr(flush, "policy", FlushPolicy(reserve_seconds=60, parallel_pairs=1))
     # When the scheduled flush runs
-    with pytest.raises(flush.FlushIncomplete, match="Stripe refused the API key"):
-        flush.lambda_handler({}, LambdaContext())
-    # Then the first refusal stopped the run: one call, no other pair sent
-    assert sent == ["http://127.0.0.1:9/v1/billing/meter_events"]
+    try:
+        with pytest.raises(flush.FlushIncomplete, match="Stripe refused the API key"):
+            flush.lambda_handler({}, LambdaContext())
+    finally:
+        fake.stop()
+    # Then the first refusal stopped the run: one call, no other pair sent, nothing billed
+    assert fake.calls == 1
+    assert fake.accepted() == []
     # and nothing was confirmed or quarantined: every counter waits in the backlog, the one
     # sent with its decision still in flight for the next run
     counters = [c for page in store.backlog() for c in page]

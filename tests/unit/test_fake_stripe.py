@@ -760,3 +760,50 @@ def test_cli_serves_in_the_foreground_and_prints_one_line_per_event() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# -- restricted keys ---------------------------------------------------------------------------
+
+RESTRICTED = "rk_test_51FakeRestricted0123456789"
+
+
+def test_a_restricted_key_is_refused_what_its_permissions_do_not_cover(
+    fake: FakeStripe, make_client: MakeClient
+) -> None:
+    # Given a restricted key that may read meters and write subscriptions
+    fake.restrict_api_key(RESTRICTED, {"billing_meter_read", "subscription_write"})
+    client = make_client(RESTRICTED, retries=2)
+    # When it sends a meter event / Then Stripe's 403, once (the SDK retries no 403), and no
+    # event
+    with pytest.raises(stripe.PermissionError) as refused:
+        send(client)
+    assert refused.value.http_status == 403
+    assert "'rak_billing_meter_event_write' permission" in error_body(refused.value)["message"]
+    assert fake.calls == 1
+    assert fake.accepted() == []
+    # And what it holds is let through: meters read, subscriptions read (write implies read)
+    assert client.v1.billing.meters.list().data == []
+    with pytest.raises(stripe.InvalidRequestError, match="No such subscription"):
+        client.v1.subscriptions.retrieve("sub_missing")
+    # but not another resource
+    with pytest.raises(stripe.PermissionError, match="'rak_customer_write'"):
+        client.v1.customers.create({"email": "a@example.com"})
+
+
+def test_a_restricted_key_with_the_permission_sends_meter_events(
+    fake: FakeStripe, make_client: MakeClient
+) -> None:
+    fake.restrict_api_key(RESTRICTED, {"billing_meter_event_write"})
+    send(make_client(RESTRICTED))
+    assert [e.identifier for e in fake.accepted()] == ["umb_abc"]
+
+
+def test_a_secret_key_is_never_restricted_and_reset_forgets_restrictions(
+    fake: FakeStripe, make_client: MakeClient
+) -> None:
+    with pytest.raises(ValueError, match="rk_"):
+        fake.restrict_api_key("sk_test_fake", {"billing_meter_read"})
+    fake.restrict_api_key(RESTRICTED, set())
+    fake.reset()
+    send(make_client(RESTRICTED))
+    assert len(fake.accepted()) == 1

@@ -351,6 +351,14 @@ def test_a_request_without_a_key_gets_the_documented_401(fake):
     check_documented_error(response, "no_api_key")
 
 
+def test_a_restricted_key_without_the_permission_gets_the_documented_403(fake, http):
+    key = "rk_test_51Restricted0123456789"
+    fake.restrict_api_key(key, {"billing_meter_read"})
+    http.headers["Authorization"] = f"Bearer {key}"
+    check_documented_error(meter_event(fake, http), "restricted_key_without_permission")
+    assert fake.accepted() == []
+
+
 def test_an_unknown_meter_gets_the_documented_404(fake, http):
     response = http.get(f"{fake.url}/v1/billing/meters/mtr_missing")
     check_documented_error(response, "resource_missing")

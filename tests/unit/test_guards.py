@@ -17,10 +17,10 @@ from typing import Any
 
 import botocore.session
 import pytest
-import stripe
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 
+from devtools.fake_stripe import FakeStripe
 from devtools.invoke import LambdaContext, http_event, load_handler
 from devtools.template import load_template
 from tests.fakes import FakeBilling
@@ -240,45 +240,24 @@ def test_a_route_without_the_authorizer_gives_an_unauthenticated_caller_nothing(
 # -- a restricted Stripe key --------------------------------------------------------------------
 
 RESTRICTED_KEY = "rk_test_51GuardsRestrictedKey0123456789"
-# Stripe's 403 for a restricted key that lacks a permission (its format, as in
-# stripe/stripe-node#2246): type invalid_request_error, which the SDK raises as PermissionError.
-PERMISSION_DENIED = {
-    "error": {
-        "message": "The provided key 'rk_test_*****************************6789' does not have "
-        "the required permissions for this endpoint on account 'acct_1Guards'. Having the "
-        "'rak_billing_meter_event_write' permission would allow this request to continue.",
-        "type": "invalid_request_error",
-    }
-}
 
 
-@pytest.fixture
-def stripe_answers_403(monkeypatch) -> list[str]:
-    """Every request the SDK's HTTP client makes gets Stripe's 403; the URLs it was asked for."""
-    requested: list[str] = []
-
-    def request(self, method, url, headers, post_data=None):
-        requested.append(url)
-        headers = {"Content-Type": "application/json", "Request-Id": "req_guards"}
-        return json.dumps(PERMISSION_DENIED).encode(), 403, headers
-
-    monkeypatch.setattr(stripe.RequestsClient, "request", request)
-    return requested
-
-
-def test_a_restricted_key_without_the_meter_event_permission_is_an_auth_error(stripe_answers_403):
-    # Given a restricted key that lacks the meter-event permission
-    billing = StripeMeterBilling(
-        RESTRICTED_KEY, api_base="http://127.0.0.1:9", max_network_retries=2
-    )
-    request = MeterEventRequest(
-        identifier="umb_x.1", event_name="ai_messages", customer=CUSTOMER, value=1,
-        timestamp=int(time.time()),
-    )  # fmt: skip
-    # When an event is sent / Then it is the error that stops a run, asked once (no retry)
-    with pytest.raises(BillingAuthError, match="does not have the required permissions"):
-        billing.send(request)
-    assert stripe_answers_403 == ["http://127.0.0.1:9/v1/billing/meter_events"]
+def test_a_restricted_key_without_the_meter_event_permission_is_an_auth_error():
+    # Given a restricted key that may read subscriptions but not write meter events, on the
+    # fake Stripe, which answers Stripe's 403 for it
+    with FakeStripe() as fake:
+        fake.restrict_api_key(RESTRICTED_KEY, {"subscription_read", "billing_meter_read"})
+        billing = StripeMeterBilling(RESTRICTED_KEY, api_base=fake.url, max_network_retries=2)
+        request = MeterEventRequest(
+            identifier="umb_x.1", event_name="ai_messages", customer=CUSTOMER, value=1,
+            timestamp=int(time.time()),
+        )  # fmt: skip
+        # When an event is sent / Then it is the error that stops a run, asked once (no
+        # retry), and Stripe has no event
+        with pytest.raises(BillingAuthError, match="'rak_billing_meter_event_write' permission"):
+            billing.send(request)
+        assert fake.calls == 1
+        assert fake.accepted() == []
 
 
 # -- Secrets Manager (moto) ---------------------------------------------------------------------
