@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import publish
-from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, listening_ports
+from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, serves
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".local" / "coldstart"
@@ -185,13 +185,8 @@ def _wait_listening(
             if address_in_use(output()):
                 raise _PortTaken()
             raise RuntimeError("the emulator exited")
-        own = listening_ports(process.pid)
-        if own is not None and ports <= own:
+        if serves(process.pid, ports, invoke_port):
             return
-        if own is None:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", invoke_port), timeout=0.5).close()
-                return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the emulator did not listen within {timeout} s")
         time.sleep(0.01)

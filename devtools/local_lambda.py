@@ -26,7 +26,6 @@ import os
 import platform
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, listening_ports
+from devtools.ports import BIND_ATTEMPTS, address_in_use, free_port, serves
 from devtools.sam_app import FunctionSpec
 
 if sys.platform == "linux":
@@ -266,7 +265,7 @@ class LambdaRuntime:
                 if address_in_use(output):
                     raise _PortTaken(f"the emulator for {self.spec.logical_id}: {output}")
                 raise RuntimeUnavailable(f"the emulator for {self.spec.logical_id} exited")
-            if self._listening(ports):
+            if serves(self._process.pid, ports, self.port):
                 return
             if time.monotonic() > deadline:
                 self.stop()
@@ -274,17 +273,6 @@ class LambdaRuntime:
                     f"the emulator for {self.spec.logical_id} did not listen within {timeout} s"
                 )
             time.sleep(0.02)
-
-    def _listening(self, ports: set[int]) -> bool:
-        assert self._process is not None
-        listened = listening_ports(self._process.pid)
-        if listened is not None:
-            return ports <= listened
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-        except OSError:
-            return False
-        return True
 
     def invoke(self, event: Any) -> Invocation:
         if self._process is None or self._process.poll() is not None:

@@ -55,3 +55,16 @@ def listens(pid: int, port: int) -> bool | None:
     """Whether process pid listens on port; None where /proc can't tell."""
     ports = listening_ports(pid)
     return None if ports is None else port in ports
+
+
+def serves(pid: int, ports: set[int], probe: int) -> bool:
+    """Whether process pid listens on every one of `ports`; where /proc can't tell, whether
+    `probe` answers (possibly another process's answer: the best that can be known there)."""
+    listened = listening_ports(pid)
+    if listened is not None:
+        return ports <= listened
+    try:
+        socket.create_connection(("127.0.0.1", probe), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

@@ -1,12 +1,11 @@
 """botocore clients, made for a cold start: botocore without boto3 (a third less import time),
 and without botocore's survey of every AWS service it knows."""
 
-import os
 from typing import Any
 
 import botocore.session
 from botocore.config import Config
-from botocore.loaders import Loader
+from botocore.loaders import Loader, create_loader
 
 
 class _OneServiceLoader(Loader):
@@ -17,8 +16,8 @@ class _OneServiceLoader(Loader):
     start; issue 13), only to check that the name asked for is among them. This session asks
     for one name, its own; a model missing from its directory still fails to load."""
 
-    def __init__(self, service: str, extra_search_paths: list[str] | None) -> None:
-        super().__init__(extra_search_paths=extra_search_paths)
+    def __init__(self, service: str, search_paths: list[str]) -> None:
+        super().__init__(extra_search_paths=search_paths, include_default_search_paths=False)
         self._service = service
 
     def list_available_services(self, type_name: str) -> list[str]:
@@ -29,9 +28,7 @@ def client(service: str, config: Config | None = None) -> Any:
     """A client of `service` from a session of its own, configured like botocore's default one
     (environment, AWS_DATA_PATH, endpoint from AWS_ENDPOINT_URL_<SERVICE>)."""
     session = botocore.session.get_session()
-    data_path = session.get_config_variable("data_path")  # botocore's create_loader, as is
-    extra = None
-    if data_path is not None:
-        extra = [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)]
-    session.register_component("data_loader", _OneServiceLoader(service, extra))
+    # The search paths of the loader botocore would make (AWS_DATA_PATH first, then its own)
+    default = create_loader(session.get_config_variable("data_path"))
+    session.register_component("data_loader", _OneServiceLoader(service, default.search_paths))
     return session.create_client(service, config=config)
