@@ -225,6 +225,8 @@ def test_unknown_customer_is_accepted_then_reported_through_a_signed_thin_notifi
     assert event.data.developer_message_summary == "There is 1 invalid event"
     assert event.data.validation_start <= event.data.validation_end
     assert notification.fetch_related_object().id == meter["id"]
+    # (the receiver sees the request before the fake records the attempt's answer)
+    assert fake.wait_for_deliveries()
     [delivery] = fake.deliveries
     assert delivery["target"] == "event_destination" and delivery["status"] == 200
     assert delivery["endpoint_id"] == destination.id and delivery["type"] == ERROR_REPORT_EVENT
@@ -326,6 +328,7 @@ def test_archived_meter_no_meter_and_missing_payload_key_codes(
     )
     fetched = no_meter.fetch_event()
     assert fetched.data.reason.error_types[0].code == "no_meter"
+    assert fake.wait_for_deliveries()
     assert {d["target"] for d in fake.deliveries} == {"event_destination"}
 
 
