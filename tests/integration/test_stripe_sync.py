@@ -15,12 +15,19 @@ SUBSCRIPTIONS = 105  # more than one page of 100
 
 
 @pytest.fixture
-def fake():
-    with FakeStripe() as running:
+def now() -> int:
+    return int(time.time())
+
+
+@pytest.fixture
+def fake(now):
+    # Stripe's clock holds still: the subscription canceled as it starts gets no period however
+    # slow the machine (a second ticking between create and cancel gives it a one-second one)
+    with FakeStripe(clock=lambda: now) as running:
         yield running
 
 
-def subscribe_many(fake: FakeStripe) -> dict[str, int]:
+def subscribe_many(fake: FakeStripe, now: int) -> dict[str, int]:
     """Customers with monthly metered subscriptions anchored at arbitrary seconds, one of them
     canceled: customer → its anchor."""
     client = stripe.StripeClient("sk_test_sync", base_addresses={"api": fake.url})
@@ -34,7 +41,6 @@ def subscribe_many(fake: FakeStripe) -> dict[str, int]:
         }
     )
     anchors = {}
-    now = int(time.time())
     for i in range(SUBSCRIPTIONS):
         customer = f"cus_Sync{i}"
         fake.add_customer(customer)
@@ -63,9 +69,9 @@ def sync(local_table, fake, monkeypatch, capsys) -> list[dict]:
 
 
 def test_the_backfill_stores_every_subscription_across_pages_and_is_safe_to_rerun(
-    local_table, fake, monkeypatch, capsys
+    local_table, fake, now, monkeypatch, capsys
 ):
-    anchors = subscribe_many(fake)
+    anchors = subscribe_many(fake, now)
     lines = sync(local_table, fake, monkeypatch, capsys)
     assert lines[-1] == {
         "subscriptions": SUBSCRIPTIONS,
