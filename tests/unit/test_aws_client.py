@@ -70,3 +70,15 @@ def test_models_on_aws_data_path_are_still_found(monkeypatch, tmp_path):
 def test_a_service_without_a_model_is_refused():
     with pytest.raises(DataNotFoundError):
         aws.client("no-such-service")
+
+
+def test_a_session_botocore_hands_out_is_left_as_it_was(monkeypatch):
+    # A caller (moto, a test, an embedding app) may make get_session() hand out one shared
+    # session: the client's one-service loader must not become that session's loader, or every
+    # other service's model would be unknown to it (moto then knew no region of DynamoDB)
+    shared = botocore.session.get_session()
+    loader = shared.get_component("data_loader")
+    monkeypatch.setattr(botocore.session, "get_session", lambda *_: shared)
+    aws.client("secretsmanager")
+    assert shared.get_component("data_loader") is loader
+    assert "dynamodb" in shared.get_service_data("dynamodb")["metadata"]["endpointPrefix"]

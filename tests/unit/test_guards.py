@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import botocore.session
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
@@ -24,6 +23,7 @@ from devtools.fake_stripe import FakeStripe
 from devtools.invoke import LambdaContext, http_event, load_handler
 from devtools.template import load_template
 from tests.fakes import FakeBilling
+from usage_meter import aws
 from usage_meter.billing import BillingAuthError
 from usage_meter.billing.stripe_meter import StripeMeterBilling
 from usage_meter.config import ConfigError, Settings
@@ -290,9 +290,9 @@ class Access:
 @pytest.fixture
 def access(secrets_manager, monkeypatch) -> Access:
     """Switch the function's read access to its secrets: while denied, every GetSecretValue
-    gets AWS's AccessDeniedException (the botocore session the code uses answers it)."""
+    gets AWS's AccessDeniedException (each client the code makes answers it)."""
     gate = Access()
-    session = botocore.session.get_session()
+    make_client = aws.client
 
     def answer(request, **_):
         if not gate.denied:
@@ -300,8 +300,12 @@ def access(secrets_manager, monkeypatch) -> Access:
         headers = {"Content-Type": "application/x-amz-json-1.1"}
         return AWSResponse(request.url, 400, headers, _Body(json.dumps(ACCESS_DENIED).encode()))
 
-    session.register("before-send.secrets-manager.GetSecretValue", answer)
-    monkeypatch.setattr(botocore.session, "get_session", lambda: session)
+    def gated_client(service: str, config: Any = None) -> Any:
+        client = make_client(service, config)
+        client.meta.events.register("before-send.secrets-manager.GetSecretValue", answer)
+        return client
+
+    monkeypatch.setattr(aws, "client", gated_client)
     return gate
 
 

@@ -26,8 +26,11 @@ class _OneServiceLoader(Loader):
 
 def client(service: str, config: Config | None = None) -> Any:
     """A client of `service` from a session of its own, configured like botocore's default one
-    (environment, AWS_DATA_PATH, endpoint from AWS_ENDPOINT_URL_<SERVICE>)."""
-    session = botocore.session.get_session()
+    (environment, AWS_DATA_PATH, endpoint from AWS_ENDPOINT_URL_<SERVICE>).
+
+    The session is made here, not taken from botocore.session.get_session(), which a caller may
+    have made hand out a shared one: its loader is this service's alone."""
+    session = botocore.session.Session()
     # The search paths of the loader botocore would make (AWS_DATA_PATH first, then its own)
     default = create_loader(session.get_config_variable("data_path"))
     session.register_component("data_loader", _OneServiceLoader(service, default.search_paths))
