@@ -81,4 +81,4 @@ def test_a_session_botocore_hands_out_is_left_as_it_was(monkeypatch):
     monkeypatch.setattr(botocore.session, "get_session", lambda *_: shared)
     aws.client("secretsmanager")
     assert shared.get_component("data_loader") is loader
-    assert "dynamodb" in shared.get_service_data("dynamodb")["metadata"]["endpointPrefix"]
+    assert shared.get_service_data("dynamodb")["metadata"]["endpointPrefix"] == "dynamodb"
