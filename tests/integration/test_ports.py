@@ -132,3 +132,15 @@ def test_a_benchmarked_cold_start_starts_again_when_its_port_is_taken_before_it_
     assert picked[0] == squatted and squatted not in picked[1:]
     assert len(picked) == 4  # two picks, twice
     assert 0 < sample.init_ms <= sample.first_ms
+
+
+def test_serves_asks_proc_first_and_probes_only_where_proc_cannot_tell(monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        # /proc knows this process listens on port, and on no other
+        assert ports.serves(os.getpid(), {port}, port)
+        assert not ports.serves(os.getpid(), {port, ports.free_port()}, port)
+        # Where /proc can't tell, the probe port's answer decides
+        monkeypatch.setattr(ports, "listening_ports", lambda pid: None)
+        assert ports.serves(os.getpid(), {port}, port)
+    assert not ports.serves(os.getpid(), {port}, port)
